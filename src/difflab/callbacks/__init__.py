@@ -1,0 +1,5 @@
+"""Periodic work during training; callbacks reach a model only through its public sample()."""
+
+from difflab.callbacks.sample_grid import SampleGrid, grid_image
+
+__all__ = ["SampleGrid", "grid_image"]

@@ -1,0 +1,79 @@
+"""Periodic fixed-seed sample grids from the EMA weights, one per configured sampler."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+from torchvision.utils import make_grid
+
+from difflab.data.transforms import to_uint8
+from difflab.samplers.base import Sampler
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """(N, C, H, W) uint8 images -> one (H', W', 3) uint8 grid with nrow columns (default ~sqrt N)."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=0)  # (3, H', W')
+    return grid.permute(1, 2, 0).numpy()
+
+
+class SampleGrid(pl.Callback):
+    """Every N steps (and at the end of training) sample a fixed-seed grid with each sampler."""
+
+    def __init__(
+        self,
+        *,
+        samplers: Mapping[str, Sampler],
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        seed: int = 0,
+        use_ema: bool = True,
+        at_train_end: bool = True,
+        dirname: str = "samples",
+    ) -> None:
+        if every_n_steps < 1 or num_samples < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} and num_samples={num_samples} must be >= 1")
+        self.samplers = dict(samplers)
+        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.use_ema, self.at_train_end, self.dirname = use_ema, at_train_end, dirname
+        self._last_step = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for sampler in self.samplers.values():  # refuse bad sampler settings before training
+            sampler.validate(pl_module.schedule.T)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and not trainer.sanity_checking:
+            self._make_grids(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self._make_grids(trainer, pl_module)
+
+    @rank_zero_only
+    def _make_grids(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._last_step = trainer.global_step
+        out_dir = Path(trainer.default_root_dir) / self.dirname
+        out_dir.mkdir(parents=True, exist_ok=True)
+        seeds = range(self.seed, self.seed + self.num_samples)
+        for name, sampler in self.samplers.items():
+            grid = grid_image(to_uint8(pl_module.sample(sampler, seeds, use_ema=self.use_ema)))
+            Image.fromarray(grid).save(out_dir / f"{name}_step{step:07d}.png")
+            self._log(trainer, f"samples/{name}", grid, step)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, key: str, grid: np.ndarray, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[grid], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(key, grid, step, dataformats="HWC")

@@ -1,0 +1,88 @@
+"""difflab-sample: draw images from a checkpoint; writes a PNG grid and an .npz of uint8 NHWC images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from difflab.callbacks.sample_grid import grid_image
+from difflab.cli.build import build_module
+from difflab.cli.common import config_dir
+from difflab.data.transforms import to_uint8
+from difflab.lit import DiffusionModule
+
+log = logging.getLogger("difflab")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a difflab checkpoint safely (weights_only: no pickled code runs)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist or is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
+        raise ValueError(f"ckpt_path={str(path)!r} is not a readable difflab checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or not (ckpt.get("difflab") or {}).get("config"):
+        raise ValueError(f"ckpt_path={str(path)!r} holds no difflab run config; was it written by difflab-train?")
+    return ckpt
+
+
+def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
+    """Rebuild the run's module from the config stored in the checkpoint and load its weights."""
+    ckpt = load_checkpoint(path)
+    module = build_module(OmegaConf.create(ckpt["difflab"]["config"]))
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(device).eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def sample(cfg: DictConfig) -> dict[str, Path]:
+    """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
+    if cfg.num_samples < 1 or cfg.batch_size < 1:
+        raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
+    sampler = hydra.utils.instantiate(cfg.sampler)
+    module = module_from_checkpoint(cfg.ckpt_path, resolve_device(cfg.device))
+    sampler.validate(module.schedule.T)
+    out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = []
+    for start in range(0, cfg.num_samples, cfg.batch_size):
+        seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_samples))
+        x = module.sample(sampler, seeds, use_ema=cfg.use_ema)
+        batches.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
+        log.info("sampled %d / %d with %s", start + len(seeds), cfg.num_samples, sampler.name)
+    images = np.concatenate(batches)
+    stem = f"{sampler.name}_n{cfg.num_samples}_seed{cfg.seed}"
+    paths = {"npz": out_dir / f"{stem}.npz", "png": out_dir / f"{stem}.png"}
+    np.savez(paths["npz"], images=images, seeds=np.arange(cfg.seed, cfg.seed + cfg.num_samples))
+    grid = grid_image(torch.from_numpy(images[: cfg.grid_max]).permute(0, 3, 1, 2), cfg.nrow)
+    Image.fromarray(grid).save(paths["png"])
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    return paths
+
+
+@hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

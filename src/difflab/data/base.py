@@ -1,0 +1,126 @@
+"""The LightningDataModule every dataset shares: argument checks, the held-out split, loaders.
+
+A subclass sets `num_classes` and implements `_build_dataset()`, returning a Dataset whose
+`__getitems__(indices)` gives a uint8 batch (B, C, image_size, image_size) and int64 labels (B,).
+The loaders turn that into float32 in [-1, 1] per batch (BatchToModelRange).
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from difflab.data.transforms import BatchToModelRange, check_channels
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer")
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if isinstance(val_fraction, bool) or not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(
+            f"val_fraction={val_fraction!r} is not allowed; it must lie strictly between 0 and 1"
+        )
+
+
+def check_num_workers(num_workers: int) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 0")
+
+
+def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, val) index lists: a permutation drawn from `seed` alone."""
+    n_val = max(1, round(n * val_fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base of all difflab DataModules; yields (x float32 (B, C, H, W) in [-1, 1], y int64 (B,))."""
+
+    num_classes: int | None = None
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        batch_size: int,
+        num_workers: int,
+        val_fraction: float,
+        seed: int,
+        hflip: bool,
+        pin_memory: bool | None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("image_size", image_size)
+        check_channels(channels)
+        check_positive_int("batch_size", batch_size)
+        check_num_workers(num_workers)
+        check_val_fraction(val_fraction)
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = float(val_fraction)
+        self.seed = seed
+        self.hflip = hflip
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+
+    def _build_dataset(self) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_dataset()")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        full = self._build_dataset()
+        train_idx, val_idx = split_indices(
+            len(full), val_fraction=self.val_fraction, seed=self.seed
+        )
+        if len(train_idx) < self.batch_size:
+            raise ValueError(
+                f"{type(self).__name__}: the train split holds {len(train_idx)} images "
+                f"({len(full)} in total, val_fraction={self.val_fraction}), fewer than "
+                f"batch_size={self.batch_size}; with drop_last=True no batch would be produced. "
+                f"Allowed: batch_size <= {len(train_idx)}"
+            )
+        self._train, self._val = Subset(full, train_idx), Subset(full, val_idx)
+
+    def _setup_standalone(self) -> None:
+        """Used outside a Trainer (scripts, notebooks): prepare then set up on first access."""
+        if self._train is None:
+            self.prepare_data()
+            self.setup("fit")
+
+    @property
+    def train_dataset(self) -> Dataset:
+        self._setup_standalone()
+        return self._train
+
+    @property
+    def val_dataset(self) -> Dataset:
+        self._setup_standalone()
+        return self._val
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            collate_fn=BatchToModelRange(hflip=self.hflip and train),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,60 @@
+"""CIFAR-10: 50,000 training images of 32x32 RGB, 10 classes, from the python batches.
+
+Only the five training batches are read; the held-out split for val/loss is taken from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflab.data.cifar_batches import (
+    CIFAR10_FOLDER,
+    CIFAR10_TRAIN_BATCHES,
+    has_cifar10_train,
+    read_cifar10_train,
+)
+from difflab.data.downloadable import DownloadableDataModule
+
+
+class CIFAR10DataModule(DownloadableDataModule):
+    """CIFAR-10 from `root/cifar-10-batches-py` (torchvision's layout; it downloads there)."""
+
+    def __init__(
+        self,
+        *,
+        root: str | Path = "data",
+        download: bool = True,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.02,
+        seed: int = 0,
+        hflip: bool = True,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(
+            root=root, download=download, image_size=image_size, channels=channels,
+            batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
+            hflip=hflip, pin_memory=pin_memory,
+        )
+
+    def _torchvision_cls(self) -> type:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
+    def _find(self) -> Path | None:
+        folder = self.root / CIFAR10_FOLDER
+        return folder if has_cifar10_train(folder) else None
+
+    def _read(self, found: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        return read_cifar10_train(found)
+
+    def _how_to_place(self) -> str:
+        return (
+            f"place {', '.join(CIFAR10_TRAIN_BATCHES)} (from cifar-10-python.tar.gz) in "
+            f"{self.root / CIFAR10_FOLDER}"
+        )

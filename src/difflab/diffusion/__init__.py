@@ -1,0 +1,34 @@
+"""The mathematics of diffusion: schedules, forward process, posteriors, objectives. Plain torch only."""
+
+from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps
+from difflab.diffusion.process import (
+    PARAMETERIZATIONS,
+    Parameterization,
+    posterior_mean,
+    posterior_mean_from_eps,
+    q_sample,
+    x0_eps_from_output,
+)
+from difflab.diffusion.schedules import (
+    NoiseSchedule,
+    cosine_betas,
+    linear_betas,
+    quadratic_betas,
+    sigmoid_betas,
+)
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "NoiseSchedule",
+    "Parameterization",
+    "SimpleLoss",
+    "UniformTimesteps",
+    "cosine_betas",
+    "linear_betas",
+    "posterior_mean",
+    "posterior_mean_from_eps",
+    "q_sample",
+    "quadratic_betas",
+    "sigmoid_betas",
+    "x0_eps_from_output",
+]

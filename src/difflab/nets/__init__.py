@@ -1,0 +1,15 @@
+"""Networks: nn.Modules only, called as net(x_t, t_or_sigma, cond=None)."""
+
+from difflab.nets.blocks import AttnBlock, Downsample, ResBlock, Upsample
+from difflab.nets.embeddings import SinusoidalEmbedding, timestep_embedding
+from difflab.nets.unet import UNet
+
+__all__ = [
+    "AttnBlock",
+    "Downsample",
+    "ResBlock",
+    "SinusoidalEmbedding",
+    "UNet",
+    "Upsample",
+    "timestep_embedding",
+]

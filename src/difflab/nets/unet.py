@@ -1,0 +1,229 @@
+"""The DDPM U-Net (Ho et al. 2020, App. B): the TF `diffusion_tf/models/unet.py` topology.
+
+Same layout as diffusers' UNet2DModel with the google/ddpm-cifar10-32 config: per resolution
+`num_res_blocks` ResBlocks (each followed by attention at `attn_resolutions`) on the way down,
+`num_res_blocks + 1` ResBlocks fed by skip concatenations on the way up, and a
+ResBlock-Attn-ResBlock middle at the lowest resolution. The net knows nothing of schedules:
+net(x_t, t, cond) -> (B, out_channels, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.nets.blocks import AttnBlock, Downsample, ResBlock, Upsample, conv2d, group_norm, linear
+from difflab.nets.embeddings import SinusoidalEmbedding
+
+
+class ResAttn(nn.Module):
+    """A ResBlock optionally followed by an AttnBlock (one `block_i` / `attn_i` pair of the DDPM code)."""
+
+    def __init__(
+        self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float, attn: bool, num_heads: int
+    ) -> None:
+        super().__init__()
+        self.res = ResBlock(
+            in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, dropout=dropout
+        )
+        self.attn = AttnBlock(channels=out_channels, num_heads=num_heads) if attn else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.attn(self.res(x, temb))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return value
+
+
+def _positive_ints(name: str, values: Sequence[int], *, allow_empty: bool) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name}={values!r} must be a sequence of positive ints")
+    out = tuple(values)
+    if not out and not allow_empty:
+        raise ValueError(f"{name}={out} must not be empty")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={out} contains {v!r}; entries must be positive ints")
+    return out
+
+
+def _check_resolutions(image_size: int, ch_mult: tuple[int, ...], attn_resolutions: tuple[int, ...]) -> None:
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor != 0:
+        raise ValueError(
+            f"image_size={image_size} is not divisible by {factor}, the total downsampling of "
+            f"ch_mult={ch_mult}; use a multiple of {factor}"
+        )
+    visited = tuple(image_size // 2**i for i in range(len(ch_mult)))
+    for r in attn_resolutions:
+        if r not in visited:
+            raise ValueError(
+                f"attn_resolutions={attn_resolutions} contains {r}, a resolution this net never visits; "
+                f"allowed for image_size={image_size} and ch_mult={ch_mult}: {visited}"
+            )
+
+
+class UNet(nn.Module):
+    """DDPM U-Net (Ho et al. 2020, App. B); `ddpm_cifar10` settings give 35.7M parameters."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = _positive_int("image_size", image_size)
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", in_channels if out_channels is None else out_channels)
+        self.ch = _positive_int("ch", ch)
+        self.ch_mult = _positive_ints("ch_mult", ch_mult, allow_empty=False)
+        self.num_res_blocks = _positive_int("num_res_blocks", num_res_blocks)
+        self.attn_resolutions = _positive_ints("attn_resolutions", attn_resolutions, allow_empty=True)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_classes = None if num_classes is None else _positive_int("num_classes", num_classes)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        self.dropout = float(dropout)
+        _check_resolutions(self.image_size, self.ch_mult, self.attn_resolutions)
+
+        temb_ch = 4 * ch
+        self.time_embed = nn.Sequential(
+            SinusoidalEmbedding(dim=ch), linear(ch, temb_ch), nn.SiLU(), linear(temb_ch, temb_ch)
+        )
+        # index num_classes is the null label (cond=None, classifier-free guidance dropout)
+        self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, temb_ch)
+        self.conv_in = conv2d(in_channels, ch, kernel_size=3)
+        skip_channels = self._build_down(temb_ch)
+        mid_ch = ch * self.ch_mult[-1]
+        self.mid_block1 = ResBlock(in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=dropout)
+        self.mid_attn = AttnBlock(channels=mid_ch, num_heads=num_heads)
+        self.mid_block2 = ResBlock(in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=dropout)
+        self._build_up(temb_ch, skip_channels)
+        self.norm_out = group_norm(ch * self.ch_mult[0])
+        self.conv_out = conv2d(ch * self.ch_mult[0], self.out_channels, kernel_size=3, scale=0.0)
+
+    def _stage(self, in_ch: int, out_ch: int, temb_ch: int, resolution: int) -> ResAttn:
+        return ResAttn(
+            in_channels=in_ch,
+            out_channels=out_ch,
+            temb_channels=temb_ch,
+            dropout=self.dropout,
+            attn=resolution in self.attn_resolutions,
+            num_heads=self.num_heads,
+        )
+
+    def _build_down(self, temb_ch: int) -> list[int]:
+        """Create the encoder; return the channel count of every skip activation, in push order."""
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        skip_channels = [self.ch]
+        in_ch = self.ch
+        for level, mult in enumerate(self.ch_mult):
+            resolution = self.image_size // 2**level
+            blocks = nn.ModuleList()
+            for _ in range(self.num_res_blocks):
+                blocks.append(self._stage(in_ch, self.ch * mult, temb_ch, resolution))
+                in_ch = self.ch * mult
+                skip_channels.append(in_ch)
+            self.down_blocks.append(blocks)
+            if level != len(self.ch_mult) - 1:
+                self.downsamples.append(Downsample(channels=in_ch))
+                skip_channels.append(in_ch)
+        return skip_channels
+
+    def _build_up(self, temb_ch: int, skip_channels: list[int]) -> None:
+        """Create the decoder, consuming `skip_channels` from the end (the order forward pops them)."""
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        skip_channels = list(skip_channels)
+        in_ch = self.ch * self.ch_mult[-1]
+        for level in reversed(range(len(self.ch_mult))):
+            resolution = self.image_size // 2**level
+            blocks = nn.ModuleList()
+            for _ in range(self.num_res_blocks + 1):
+                out_ch = self.ch * self.ch_mult[level]
+                blocks.append(self._stage(in_ch + skip_channels.pop(), out_ch, temb_ch, resolution))
+                in_ch = out_ch
+            self.up_blocks.append(blocks)
+            if level != 0:
+                self.upsamples.append(Upsample(channels=in_ch))
+        assert not skip_channels, f"unconsumed skip channels {skip_channels}"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        # x: (B, C_in, H, W), t: (B,) or scalar, cond: (B,) int labels in [0, num_classes] or None
+        self._check_input(x)
+        temb = self.time_embed(self._broadcast_t(t, x))  # (B, 4ch)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(self._labels(cond, x))  # (B, 4ch)
+        elif cond is not None:
+            raise ValueError("cond was given but this UNet has num_classes=None; pass num_classes to condition")
+        hs = self._down(self.conv_in(x), temb)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)  # (B, ch*ch_mult[-1], h, w)
+        h = self._up(h, hs, temb)  # (B, ch*ch_mult[0], H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+
+    def _down(self, h: Tensor, temb: Tensor) -> list[Tensor]:
+        hs = [h]  # (B, ch, H, W)
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                hs.append(block(hs[-1], temb))  # (B, ch*ch_mult[level], H/2**level, W/2**level)
+            if level < len(self.downsamples):
+                hs.append(self.downsamples[level](hs[-1]))  # halves H and W
+        return hs
+
+    def _up(self, h: Tensor, hs: list[Tensor], temb: Tensor) -> Tensor:
+        for i, blocks in enumerate(self.up_blocks):
+            for block in blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)  # concat skip on channels
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)  # doubles H and W
+        return h
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects x of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"x has {c} channels but this UNet has in_channels={self.in_channels}")
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(
+                f"x has spatial size {h}x{w} but this UNet has image_size={self.image_size} "
+                f"(expects {self.image_size}x{self.image_size})"
+            )
+
+    @staticmethod
+    def _broadcast_t(t: Tensor | float, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            return t.expand(B)  # (B,)
+        if t.shape != (B,):
+            raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or shape ({B},)")
+        return t
+
+    def _labels(self, cond: Tensor | None, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        if cond is None:
+            return torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)  # null label
+        if cond.shape != (B,):
+            raise ValueError(f"cond has shape {tuple(cond.shape)}; expected ({B},) class indices")
+        return cond
