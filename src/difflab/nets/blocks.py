@@ -29,7 +29,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def ddpm_init_(layer: nn.Conv2d | nn.Linear, *, scale: float = 1.0) -> None:
-    """DDPM `default_init(scale)`: variance scaling (fan_avg, uniform), zero bias; scale 0 gives zero weights."""
+    """DDPM `default_init(scale)`: variance scaling (fan_avg, uniform), zero bias; 0 gives zeros."""
     if scale == 0.0:
         nn.init.zeros_(layer.weight)
     else:
@@ -38,8 +38,10 @@ def ddpm_init_(layer: nn.Conv2d | nn.Linear, *, scale: float = 1.0) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def conv2d(in_ch: int, out_ch: int, *, kernel_size: int, stride: int = 1, scale: float = 1.0) -> nn.Conv2d:
-    """Same-padded conv with DDPM initialisation (padding is symmetric, as in diffusers/improved-diffusion)."""
+def conv2d(
+    in_ch: int, out_ch: int, *, kernel_size: int, stride: int = 1, scale: float = 1.0
+) -> nn.Conv2d:
+    """Same-padded conv with DDPM init; padding is symmetric (diffusers, improved-diffusion)."""
     conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2)
     ddpm_init_(conv, scale=scale)
     return conv
@@ -55,7 +57,9 @@ def linear(in_features: int, out_features: int, *, scale: float = 1.0) -> nn.Lin
 class ResBlock(nn.Module):
     """Residual block with a time-embedding bias (Ho et al. 2020, App. B; `resnet_block` of the TF code)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = conv2d(in_channels, out_channels, kernel_size=3)

@@ -23,7 +23,14 @@ class ResAttn(nn.Module):
     """A ResBlock optionally followed by an AttnBlock (one `block_i` / `attn_i` pair of the DDPM code)."""
 
     def __init__(
-        self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float, attn: bool, num_heads: int
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float,
+        attn: bool,
+        num_heads: int,
     ) -> None:
         super().__init__()
         self.res = ResBlock(
@@ -89,7 +96,8 @@ class UNet(nn.Module):
         super().__init__()
         self.image_size = _positive_int("image_size", image_size)
         self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", in_channels if out_channels is None else out_channels)
+        out_channels = in_channels if out_channels is None else out_channels
+        self.out_channels = _positive_int("out_channels", out_channels)
         self.ch = _positive_int("ch", ch)
         self.ch_mult = _positive_ints("ch_mult", ch_mult, allow_empty=False)
         self.num_res_blocks = _positive_int("num_res_blocks", num_res_blocks)
@@ -109,10 +117,7 @@ class UNet(nn.Module):
         self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, temb_ch)
         self.conv_in = conv2d(in_channels, ch, kernel_size=3)
         skip_channels = self._build_down(temb_ch)
-        mid_ch = ch * self.ch_mult[-1]
-        self.mid_block1 = ResBlock(in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=dropout)
-        self.mid_attn = AttnBlock(channels=mid_ch, num_heads=num_heads)
-        self.mid_block2 = ResBlock(in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=dropout)
+        self._build_mid(temb_ch)
         self._build_up(temb_ch, skip_channels)
         self.norm_out = group_norm(ch * self.ch_mult[0])
         self.conv_out = conv2d(ch * self.ch_mult[0], self.out_channels, kernel_size=3, scale=0.0)
@@ -146,6 +151,17 @@ class UNet(nn.Module):
                 skip_channels.append(in_ch)
         return skip_channels
 
+    def _build_mid(self, temb_ch: int) -> None:
+        """Create the ResBlock-Attn-ResBlock middle at the lowest resolution (always attends)."""
+        mid_ch = self.ch * self.ch_mult[-1]
+        self.mid_block1 = ResBlock(
+            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout
+        )
+        self.mid_attn = AttnBlock(channels=mid_ch, num_heads=self.num_heads)
+        self.mid_block2 = ResBlock(
+            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout
+        )
+
     def _build_up(self, temb_ch: int, skip_channels: list[int]) -> None:
         """Create the decoder, consuming `skip_channels` from the end (the order forward pops them)."""
         self.up_blocks = nn.ModuleList()
@@ -175,7 +191,9 @@ class UNet(nn.Module):
         if self.class_embed is not None:
             temb = temb + self.class_embed(self._labels(cond, x))  # (B, 4ch)
         elif cond is not None:
-            raise ValueError("cond was given but this UNet has num_classes=None; pass num_classes to condition")
+            raise ValueError(
+                "cond was given but this UNet has num_classes=None; pass num_classes to condition"
+            )
         hs = self._down(self.conv_in(x), temb)
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)  # (B, ch*ch_mult[-1], h, w)
         h = self._up(h, hs, temb)  # (B, ch*ch_mult[0], H, W)
