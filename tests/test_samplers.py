@@ -141,7 +141,7 @@ def test_ddim_more_steps_than_T_is_refused():
     with pytest.raises(ValueError, match="steps=2000.*T=1000"):
         DDIM(steps=2000).validate(1000)
     with pytest.raises(ValueError, match="steps=11"):
-        ddim_sample(lambda x, t: x, torch.zeros(1, 1), NoiseSchedule.from_betas(linear_betas(10)), steps=11)
+        ddim_sample(lambda x, t: x, torch.zeros(1, 1), NoiseSchedule.from_betas(linear_betas(10, reference_T=None)), steps=11)
 
 
 def test_bad_ddpm_variance_is_refused():

@@ -26,7 +26,7 @@ def test_linear_T1000_alpha_bar_end_closed_form():
 
 
 def test_quadratic_is_linear_in_sqrt_beta():
-    b = quadratic_betas(100, 1e-4, 0.02).sqrt()
+    b = quadratic_betas(100, 1e-4, 0.02, reference_T=None).sqrt()
     assert torch.allclose(b[1:] - b[:-1], (b[1] - b[0]).expand(99), atol=1e-12)
     assert b[0] ** 2 == pytest.approx(1e-4) and b[-1] ** 2 == pytest.approx(0.02)
 
@@ -47,11 +47,31 @@ def test_sigmoid_alpha_bar_monotone_and_ends():
 
 
 @pytest.mark.parametrize("fn", ALL)
-@pytest.mark.parametrize("T", [1, 10, 1000, 4000])
+@pytest.mark.parametrize("T", [1, 10, 50, 1000, 4000])
 def test_any_T(fn, T):
-    s = NoiseSchedule.from_betas(fn(T))
+    kwargs = {"reference_T": None} if fn in (linear_betas, quadratic_betas) and T < 50 else {}
+    s = NoiseSchedule.from_betas(fn(T, **kwargs))
     assert s.T == T and s.betas.dtype == torch.float64
     assert ((s.betas > 0) & (s.betas < 1)).all()
+
+
+@pytest.mark.parametrize("fn", [linear_betas, quadratic_betas])
+@pytest.mark.parametrize("T", [50, 250, 4000])
+def test_scaled_betas_end_near_noise_for_any_T(fn, T):
+    ab_T = NoiseSchedule.from_betas(fn(T)).alpha_bar[-1].item()
+    ab_ref = NoiseSchedule.from_betas(fn(1000)).alpha_bar[-1].item()
+    assert abs(ab_T**0.5 - ab_ref**0.5) < 0.02  # the signal left at t = T barely depends on T
+    assert fn(T)[0].item() == pytest.approx(1e-4 * 1000 / T)
+
+
+def test_unscaled_betas_keep_endpoints():
+    b = linear_betas(50, reference_T=None)
+    assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
+
+
+def test_too_small_T_for_scaled_betas_is_refused():
+    with pytest.raises(ValueError, match="reference_T=null"):
+        linear_betas(10)
 
 
 def test_posterior_table_closed_forms():
@@ -73,10 +93,10 @@ def test_bad_T_is_refused(bad):
 
 
 def test_bad_beta_range_is_refused():
-    with pytest.raises(ValueError, match="beta_start"):
-        linear_betas(10, beta_start=0.1, beta_end=0.01)
+    with pytest.raises(ValueError, match="beta_start=0.1, beta_end=0.01"):
+        linear_betas(1000, beta_start=0.1, beta_end=0.01)
 
 
 def test_schedule_to_device_is_cached_identity_on_same_device():
-    s = NoiseSchedule.from_betas(linear_betas(10))
+    s = NoiseSchedule.from_betas(linear_betas(100))
     assert s.to("cpu") is s

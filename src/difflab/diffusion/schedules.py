@@ -34,25 +34,34 @@ def _check_T(T: int) -> None:
         raise ValueError(f"T={T!r} is not a valid number of diffusion steps; use an integer >= 1")
 
 
-def _check_range(beta_start: float, beta_end: float) -> None:
-    if not 0.0 < beta_start <= beta_end < 1.0:
+def _beta_range(T: int, beta_start: float, beta_end: float, reference_T: int | None) -> tuple[float, float]:
+    """(beta_1, beta_T), scaled by reference_T / T so any T ends near pure noise (Nichol & Dhariwal 2021, Sec. 3.2 code)."""
+    _check_T(T)
+    scale = 1.0 if reference_T is None else reference_T / T
+    start, end = beta_start * scale, beta_end * scale
+    if not 0.0 < start <= end < 1.0:
         raise ValueError(
-            f"beta_start={beta_start}, beta_end={beta_end}: need 0 < beta_start <= beta_end < 1"
+            f"beta_start={beta_start}, beta_end={beta_end} (x {scale:g} = reference_T/T) give "
+            f"beta_1={start:g}, beta_T={end:g}: need 0 < beta_1 <= beta_T < 1; "
+            "use a larger T, smaller betas, or reference_T=null to turn off the scaling"
         )
+    return start, end
 
 
-def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear beta_t from beta_1 to beta_T (Ho et al. 2020, Sec. 4)."""
-    _check_T(T)
-    _check_range(beta_start, beta_end)
-    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+def linear_betas(
+    T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, reference_T: int | None = 1000
+) -> Tensor:
+    """Linear beta_t from beta_1 to beta_T (Ho et al. 2020, Sec. 4); endpoints scaled by reference_T / T."""
+    start, end = _beta_range(T, beta_start, beta_end, reference_T)
+    return torch.linspace(start, end, T, dtype=torch.float64)
 
 
-def quadratic_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """sqrt(beta_t) linear from sqrt(beta_1) to sqrt(beta_T) (DDPM reference code, 'quad')."""
-    _check_T(T)
-    _check_range(beta_start, beta_end)
-    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+def quadratic_betas(
+    T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, reference_T: int | None = 1000
+) -> Tensor:
+    """sqrt(beta_t) linear from sqrt(beta_1) to sqrt(beta_T) (DDPM reference code, 'quad'); scaled like linear."""
+    start, end = _beta_range(T, beta_start, beta_end, reference_T)
+    return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
 
 
 def _betas_from_alpha_bar(alpha_bar_fn, T: int, max_beta: float) -> Tensor:
