@@ -21,6 +21,7 @@ TINY = [
     "model.attn_resolutions=[4]",
     "schedule.T=50",
     "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
     "trainer.check_val_every_n_epoch=1",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",

@@ -1,0 +1,183 @@
+"""Reference statistics of real images, computed once per (data, extractor) and cached on disk.
+
+A cache file `<cache_dir>/<key>.pt` holds plain tensors and a small dict (loaded with
+`weights_only=True`) and is written atomically (temporary file + os.replace), so a crash never
+leaves a half-written cache; an unreadable or stale file is recomputed and replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from difflab.metrics.extractors.base import FeatureExtractor
+from difflab.metrics.names import check_safe_name
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What the statistics depend on; `str(key)` is the cache file stem, e.g.
+    'cifar10-train-32px-n50000-inception_v3'."""
+
+    dataset: str
+    split: str
+    resolution: int
+    num_images: int
+    extractor: str
+
+    def __post_init__(self) -> None:
+        for field in ("dataset", "split", "extractor"):
+            check_safe_name(getattr(self, field), what=f"ReferenceKey.{field}")
+        for field in ("resolution", "num_images"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ReferenceKey.{field}={value!r} is not allowed: use a positive int")
+
+    def __str__(self) -> str:
+        return f"{self.dataset}-{self.split}-{self.resolution}px-n{self.num_images}-{self.extractor}"
+
+
+@dataclass
+class ReferenceStats:
+    """FID moments of all real images (float64) and a subsample of their features (float32)."""
+
+    mu: Tensor  # (D,) float64
+    sigma: Tensor  # (D, D) float64
+    features: Tensor  # (M, D) float32, for KID and precision/recall; M <= max_features
+    num_images: int  # images behind mu and sigma
+    extractor: str
+
+    @property
+    def num_features(self) -> int:
+        return self.mu.shape[0]
+
+    @classmethod
+    def from_batches(
+        cls,
+        batches: Iterable[Tensor],
+        extractor: FeatureExtractor,
+        *,
+        num_images: int,
+        max_features: int | None = 10_000,
+        seed: int = 0,
+    ) -> "ReferenceStats":
+        """Statistics of exactly `num_images` uint8 images (B, C, H, W), features of a fixed random
+        subset of at most `max_features` of them kept."""
+        keep = _keep_mask(num_images, max_features, seed)
+        device = _device_of(extractor)
+        total = torch.zeros(extractor.num_features, dtype=torch.float64)
+        outer = torch.zeros(extractor.num_features, extractor.num_features, dtype=torch.float64)
+        kept, n = [], 0
+        for images in batches:
+            f = extractor(images.to(device)).cpu()  # (B, D) float32
+            if n + f.shape[0] > num_images:
+                raise ValueError(f"reference needs exactly num_images={num_images} images, batches gave more")
+            total += f.double().sum(0)
+            outer += f.double().T @ f.double()
+            kept.append(f[keep[n : n + f.shape[0]]])
+            n += f.shape[0]
+        if n != num_images:
+            raise ValueError(f"reference needs exactly num_images={num_images} images, batches gave {n}")
+        mu = total / n
+        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+        return cls(mu=mu, sigma=sigma, features=torch.cat(kept), num_images=n, extractor=extractor.name)
+
+    def to_dict(self) -> dict:
+        return {
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "features": self.features,
+            "num_images": self.num_images,
+            "extractor": self.extractor,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReferenceStats":
+        return cls(
+            mu=d["mu"].double(),
+            sigma=d["sigma"].double(),
+            features=d["features"].float(),
+            num_images=int(d["num_images"]),
+            extractor=str(d["extractor"]),
+        )
+
+
+def _keep_mask(n: int, max_features: int | None, seed: int) -> Tensor:
+    if max_features is None or max_features >= n:
+        return torch.ones(n, dtype=torch.bool)
+    if max_features < 2:
+        raise ValueError(f"max_features={max_features} is not allowed: use None or an int >= 2")
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_features]] = True
+    return keep
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def load_or_compute(
+    key: ReferenceKey,
+    batches_fn: Callable[[], Iterable[Tensor]],
+    extractor: FeatureExtractor,
+    cache_dir: str | Path,
+    *,
+    max_features: int | None = 10_000,
+) -> ReferenceStats:
+    """The cached statistics for `key`, or computed from `batches_fn()` (un-augmented uint8 real
+    images) and cached. Not a collective: under DDP let rank zero call it first, then barrier."""
+    if key.extractor != extractor.name:
+        raise ValueError(f"ReferenceKey.extractor={key.extractor!r} but the extractor is {extractor.name!r}")
+    path = Path(cache_dir) / f"{key}.pt"
+    stats = _load_if_valid(path, key, max_features)
+    if stats is None:
+        stats = ReferenceStats.from_batches(
+            batches_fn(), extractor, num_images=key.num_images, max_features=max_features
+        )
+        save_atomic({**stats.to_dict(), **_header(key, max_features)}, path)
+    return stats
+
+
+def _header(key: ReferenceKey, max_features: int | None) -> dict:
+    return {"format": FORMAT_VERSION, "key": str(key), "max_features": max_features}
+
+
+def _load_if_valid(path: Path, key: ReferenceKey, max_features: int | None) -> ReferenceStats | None:
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if {k: d[k] for k in ("format", "key", "max_features")} != _header(key, max_features):
+            return None  # written by another version or with other settings: recompute
+        return ReferenceStats.from_dict(d)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
+        warnings.warn(f"ignoring unreadable reference cache {path} ({type(err).__name__}: {err}); recomputing")
+        return None
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, then os.replace: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
