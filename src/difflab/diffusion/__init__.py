@@ -1,5 +1,6 @@
 """The mathematics of diffusion: schedules, forward process, posteriors, objectives. Plain torch only."""
 
+from difflab.diffusion.likelihood import VarianceHead, bits_per_dim, prior_bpd, vlb_terms_bpd
 from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps
 from difflab.diffusion.process import (
     PARAMETERIZATIONS,
@@ -23,6 +24,10 @@ __all__ = [
     "Parameterization",
     "SimpleLoss",
     "UniformTimesteps",
+    "VarianceHead",
+    "bits_per_dim",
+    "prior_bpd",
+    "vlb_terms_bpd",
     "cosine_betas",
     "linear_betas",
     "posterior_mean",

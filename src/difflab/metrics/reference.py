@@ -141,25 +141,38 @@ def load_or_compute(
     if key.extractor != extractor.name:
         raise ValueError(f"ReferenceKey.extractor={key.extractor!r} but the extractor is {extractor.name!r}")
     path = Path(cache_dir) / f"{key}.pt"
-    stats = _load_if_valid(path, key, max_features)
+    header = _header(key, extractor, max_features)
+    stats = _load_if_valid(path, header)
     if stats is None:
         stats = ReferenceStats.from_batches(
             batches_fn(), extractor, num_images=key.num_images, max_features=max_features
         )
-        save_atomic({**stats.to_dict(), **_header(key, max_features)}, path)
+        save_atomic({**stats.to_dict(), **header}, path)
     return stats
 
 
-def _header(key: ReferenceKey, max_features: int | None) -> dict:
-    return {"format": FORMAT_VERSION, "key": str(key), "max_features": max_features}
+def _header(key: ReferenceKey, extractor: FeatureExtractor, max_features: int | None) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "key": str(key),
+        "max_features": max_features,
+        "weights": weights_fingerprint(extractor),
+    }
 
 
-def _load_if_valid(path: Path, key: ReferenceKey, max_features: int | None) -> ReferenceStats | None:
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap digest of the weights, so a retrained extractor under the same name is noticed."""
+    sums = [t.detach().double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()]
+    total = torch.stack(sums).sum().item() if sums else 0.0
+    return f"{len(sums)}:{total:.6e}"
+
+
+def _load_if_valid(path: Path, header: dict) -> ReferenceStats | None:
     if not path.is_file():
         return None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        if {k: d[k] for k in ("format", "key", "max_features")} != _header(key, max_features):
+        if {k: d.get(k) for k in header} != header:
             return None  # written by another version or with other settings: recompute
         return ReferenceStats.from_dict(d)
     except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
