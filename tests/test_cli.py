@@ -28,6 +28,7 @@ TINY = [
     "callbacks.sample_grid.every_n_steps=2",
     "callbacks.sample_grid.num_samples=4",
     "callbacks.sample_grid.samplers.ddim.steps=5",
+    "callbacks.evaluation=null",
 ]
 
 

@@ -1,5 +1,6 @@
 """Periodic work during training; callbacks reach a model only through its public sample()."""
 
+from difflab.callbacks.evaluation import Evaluation
 from difflab.callbacks.sample_grid import SampleGrid, grid_image
 
-__all__ = ["SampleGrid", "grid_image"]
+__all__ = ["Evaluation", "SampleGrid", "grid_image"]

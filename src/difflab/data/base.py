@@ -7,6 +7,8 @@ The loaders turn that into float32 in [-1, 1] per batch (BatchToModelRange).
 
 from __future__ import annotations
 
+from typing import Iterator, Literal
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -106,6 +108,22 @@ class ImageDataModule(pl.LightningDataModule):
     def val_dataset(self) -> Dataset:
         self._setup_standalone()
         return self._val
+
+    def uint8_batches(
+        self, split: Literal["train", "val"] = "train", *, batch_size: int = 500, limit: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Un-augmented uint8 images (B, C, H, W) of a split, in a fixed order (for reference statistics)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} is not supported; choose 'train' or 'val'")
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        for start in range(0, n, batch_size):
+            images, _ = dataset.__getitems__(list(range(start, min(start + batch_size, n))))
+            yield images
+
+    def num_images(self, split: Literal["train", "val"] = "train") -> int:
+        """How many images a split holds."""
+        return len(self.train_dataset if split == "train" else self.val_dataset)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -186,6 +186,7 @@ def save_atomic(obj: dict, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are meant to be shared
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

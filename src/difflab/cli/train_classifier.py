@@ -1,0 +1,73 @@
+"""difflab-train-classifier: train the small CNN whose features give offline FID/IS on small data.
+
+conf/train_classifier.yaml; the final model is written (atomically) to out_path, by default
+${paths.cache_dir}/classifiers/<data>_<image_size>px.ckpt, and read back with load_classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from difflab.cli.build import build_trainer
+from difflab.cli.classifier_io import load_classifier, save_atomic, train_command
+from difflab.cli.common import config_dir, to_container
+from difflab.lit.classifier import ClassifierModule
+
+__all__ = ["build_classifier_module", "load_classifier", "main", "train_classifier", "train_command"]
+
+log = logging.getLogger("difflab")
+
+
+def build_classifier_module(cfg: DictConfig) -> ClassifierModule:
+    """Net, module and optimizer from cfg.classifier; fails fast on bad shapes or values."""
+    return hydra.utils.instantiate(
+        cfg.classifier.module,
+        net=hydra.utils.instantiate(cfg.classifier.net),
+        optimizer=hydra.utils.instantiate(cfg.classifier.optimizer),
+        _convert_="all",
+    )
+
+
+def _check_classes(module: ClassifierModule, datamodule: pl.LightningDataModule) -> None:
+    expected = getattr(datamodule, "num_classes", None)
+    if expected is None:
+        raise ValueError(f"{type(datamodule).__name__} has no class labels (num_classes=None); a classifier needs them")
+    if module.net.num_classes != expected:
+        raise ValueError(
+            f"classifier.net.num_classes={module.net.num_classes} but {type(datamodule).__name__} has "
+            f"num_classes={expected}; set classifier.net.num_classes={expected}"
+        )
+
+
+def train_classifier(cfg: DictConfig) -> dict[str, float | str]:
+    """Build everything (failing fast), fit, validate the final weights, save them to cfg.out_path."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build_classifier_module(cfg)
+    _check_classes(module, datamodule)
+    module.run_config = to_container(cfg)
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(module.run_config)
+    trainer.fit(module, datamodule=datamodule)
+    (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    path = save_atomic(trainer, cfg.out_path)
+    if trainer.is_global_zero:
+        print(f"classifier: {path}")
+        print(f"val/acc: {final['val/acc']:.4f} (val/loss {final['val/loss']:.4f}, step {trainer.global_step})")
+        log.info("run directory: %s", Path(cfg.paths.output_dir))
+    return {"out_path": str(path), **{k: float(v) for k, v in final.items()}}
+
+
+@hydra.main(config_path=config_dir(), config_name="train_classifier", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train_classifier(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""FID, IS, KID and precision/recall of generated images against cached reference statistics.
+
+How it works: `update_fake` runs the extractor ONCE per batch and stores features and logits in
+`FeatureBank`, a torchmetrics Metric with `cat` list states. `compute()` gathers the bank from
+every rank (torchmetrics does this when torch.distributed is initialised; rank 0's samples come
+first, then rank 1's, ...) and then evaluates each requested metric on the gathered features with
+local torchmetrics / torch-fidelity code (difflab.metrics.scores), seeded, so every rank returns
+the same numbers.
+
+DDP rules: call `set_reference`, `update_fake` and `compute` on EVERY rank (`compute` is a
+collective: never inside `rank_zero_only`); only rank zero should write files or log. Keep this
+object off the LightningModule (EMA deep-copies the module; checkpoints would carry the backbone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from difflab.metrics.extractors.base import FeatureExtractor
+from difflab.metrics.reference import ReferenceStats
+from difflab.metrics.scores import frechet_distance, inception_score, kernel_distance, precision_recall
+
+MetricName = Literal["fid", "is", "kid", "precision_recall"]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
+NEEDS_REFERENCE = ("fid", "kid", "precision_recall")
+
+
+class FeatureBank(Metric):
+    """This rank's fake features (N, D) and logits (N, K); `compute()` returns all ranks' rows.
+
+    A kind not kept is stored with zero columns, so every state stays a 2-d tensor on every rank.
+    """
+
+    full_state_update = False
+
+    def __init__(self, *, keep_features: bool, keep_logits: bool) -> None:
+        super().__init__()
+        self.keep_features = keep_features
+        self.keep_logits = keep_logits
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, logits: Tensor) -> None:
+        self.features.append(features if self.keep_features else features[:, :0])
+        self.logits.append(logits if self.keep_logits else logits[:, :0])
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return dim_zero_cat(self.features), dim_zero_cat(self.logits)
+
+
+class GenerativeMetrics(nn.Module):
+    """Scores of generated uint8 images; `compute()` returns a subset of the keys
+    fid, is_mean, is_std, kid_mean, kid_std, precision, recall (plain floats)."""
+
+    def __init__(
+        self,
+        *,
+        extractor: FeatureExtractor,
+        metrics: Sequence[MetricName] = METRIC_NAMES,
+        is_splits: int = 10,
+        kid_subsets: int = 100,
+        kid_max_subset_size: int = 1000,
+        prc_neighborhood: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown or not metrics:
+            raise ValueError(f"metrics={list(metrics)} is not allowed: choose one or more of {list(METRIC_NAMES)}")
+        for name, value, minimum in (
+            ("is_splits", is_splits, 1),
+            ("kid_subsets", kid_subsets, 1),
+            ("kid_max_subset_size", kid_max_subset_size, 2),
+            ("prc_neighborhood", prc_neighborhood, 1),
+        ):
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}={value!r} is not allowed: use an int >= {minimum}")
+        self.extractor = extractor
+        self.metrics = tuple(dict.fromkeys(metrics))
+        self.is_splits = is_splits
+        self.kid_subsets = kid_subsets
+        self.kid_max_subset_size = kid_max_subset_size
+        self.prc_neighborhood = prc_neighborhood
+        self.seed = seed
+        needs_features = any(m in self.metrics for m in NEEDS_REFERENCE)
+        self.bank = FeatureBank(keep_features=needs_features, keep_logits="is" in self.metrics)
+        self.reference: ReferenceStats | None = None
+
+    def set_reference(self, reference: ReferenceStats) -> None:
+        if reference.extractor != self.extractor.name or reference.num_features != self.extractor.num_features:
+            raise ValueError(
+                f"reference statistics come from {reference.extractor!r} ({reference.num_features} features) "
+                f"but this extractor is {self.extractor.name!r} ({self.extractor.num_features} features)"
+            )
+        self.reference = reference
+
+    @torch.no_grad()
+    def update_fake(self, images: Tensor) -> None:
+        """Add generated uint8 images (B, C, H, W); one backbone pass feeds every metric."""
+        features, logits = self.extractor.features_and_logits(images)  # (B, D), (B, K)
+        self.bank.update(features, logits)
+
+    def reset(self) -> None:
+        """Forget the fake images; the reference stays."""
+        self.bank.reset()
+
+    def compute(self) -> dict[str, float]:
+        """Collective under DDP: call on every rank; every rank gets the same dict."""
+        missing = [m for m in self.metrics if m in NEEDS_REFERENCE]
+        if missing and self.reference is None:
+            raise RuntimeError(f"call set_reference(...) before compute(): {missing} compare against real images")
+        if self.bank.update_count == 0:  # this rank saw no images: still take part in the gather
+            self.bank.update(self._empty(self.extractor.num_features), self._empty(self.extractor.num_classes))
+        features, logits = self.bank.compute()
+        return {**self._reference_scores(features), **self._inception_score(logits)}
+
+    def _empty(self, columns: int) -> Tensor:
+        return torch.zeros(0, columns, device=self.bank.device)
+
+    def _inception_score(self, logits: Tensor) -> dict[str, float]:
+        if "is" not in self.metrics:
+            return {}
+        is_mean, is_std = inception_score(logits, splits=self.is_splits, seed=self.seed)
+        return {"is_mean": is_mean, "is_std": is_std}
+
+    def _reference_scores(self, features: Tensor) -> dict[str, float]:
+        ref, out = self.reference, {}
+        if "fid" in self.metrics:
+            out["fid"] = frechet_distance(features, mu_real=ref.mu, sigma_real=ref.sigma, num_real=ref.num_images)
+        if "kid" in self.metrics:
+            kid = kernel_distance(
+                features, ref.features, subsets=self.kid_subsets, max_subset_size=self.kid_max_subset_size,
+                seed=self.seed,
+            )
+            out["kid_mean"], out["kid_std"] = kid
+        if "precision_recall" in self.metrics:
+            out["precision"], out["recall"] = precision_recall(
+                features, ref.features, neighborhood=self.prc_neighborhood
+            )
+        return out
