@@ -49,6 +49,8 @@ GROUPS = ["data", "model", "schedule", "objective", "optimizer", "trainer", "cal
 )
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
     extra = ["data.image_size=32", "data.channels=3"] if (group, option) == ("model", "ddpm_cifar10") else []
+    if group in ("trainer", "callbacks"):  # the digits classifier is trained in test_eval; these use packaged weights
+        extra.append("callbacks.evaluation.metrics.extractor=efficientnet_lite0")
     cfg = compose_train(tmp_path, [f"{group}={option}", *extra])
     if (group, option) in NEEDS_GPU and not torch.cuda.is_available():
         pytest.skip(f"trainer={option} needs a GPU; composed only")

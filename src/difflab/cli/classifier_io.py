@@ -21,7 +21,8 @@ def train_command(path: str | Path) -> str:
     """The command that writes a classifier to `path` (data and size read from a default file name)."""
     match = _DEFAULT_NAME.match(Path(path).name)
     data, size = (match["data"], match["size"]) if match else ("digits", "8")
-    return f"difflab-train-classifier data={data} data.image_size={size} out_path={Path(path)}"
+    out_path = Path(path).expanduser().resolve()
+    return f"difflab-train-classifier data={data} data.image_size={size} out_path={out_path}"
 
 
 def save_atomic(trainer: pl.Trainer, path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from difflab.metrics.scores import frechet_distance, inception_score, kernel_dis
 MetricName = Literal["fid", "is", "kid", "precision_recall"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 NEEDS_REFERENCE = ("fid", "kid", "precision_recall")
+RESULT_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
 
 
 class FeatureBank(Metric):
@@ -55,8 +56,13 @@ class FeatureBank(Metric):
 
 
 class GenerativeMetrics(nn.Module):
-    """Scores of generated uint8 images; `compute()` returns a subset of the keys
-    fid, is_mean, is_std, kid_mean, kid_std, precision, recall (plain floats)."""
+    """Scores of generated uint8 images against a ReferenceStats.
+
+    `compute()` returns plain floats under the keys of the chosen metrics, in this order:
+    fid -> fid; is -> is_mean, is_std; kid -> kid_mean, kid_std; precision_recall -> precision,
+    recall. KID uses subsets of min(kid_max_subset_size, n_fake, n_real) samples; precision/recall
+    use k = prc_neighborhood nearest neighbours; `seed` fixes the IS/KID permutations.
+    """
 
     def __init__(
         self,
@@ -70,6 +76,7 @@ class GenerativeMetrics(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [m for m in metrics if m not in METRIC_NAMES]
         if unknown or not metrics:
             raise ValueError(f"metrics={list(metrics)} is not allowed: choose one or more of {list(METRIC_NAMES)}")
@@ -118,7 +125,8 @@ class GenerativeMetrics(nn.Module):
         if self.bank.update_count == 0:  # this rank saw no images: still take part in the gather
             self.bank.update(self._empty(self.extractor.num_features), self._empty(self.extractor.num_classes))
         features, logits = self.bank.compute()
-        return {**self._reference_scores(features), **self._inception_score(logits)}
+        out = {**self._reference_scores(features), **self._inception_score(logits)}
+        return {k: out[k] for k in RESULT_KEYS if k in out}
 
     def _empty(self, columns: int) -> Tensor:
         return torch.zeros(0, columns, device=self.bank.device)

@@ -7,6 +7,7 @@ leaves a half-written cache; an unreadable or stale file is recomputed and repla
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 import warnings
@@ -39,7 +40,7 @@ class ReferenceKey:
             check_safe_name(getattr(self, field), what=f"ReferenceKey.{field}")
         for field in ("resolution", "num_images"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ReferenceKey.{field}={value!r} is not allowed: use a positive int")
 
     def __str__(self) -> str:
@@ -162,7 +163,8 @@ def _header(key: ReferenceKey, extractor: FeatureExtractor, max_features: int | 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A cheap digest of the weights, so a retrained extractor under the same name is noticed."""
-    sums = [t.detach().double().abs().sum() for t in module.state_dict().values() if t.is_floating_point()]
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    sums = [t.detach().cpu().double().abs().sum() for t in tensors]  # on CPU: the same on every rank
     total = torch.stack(sums).sum().item() if sums else 0.0
     return f"{len(sums)}:{total:.6e}"
 

@@ -61,13 +61,18 @@ def frechet_distance(fake: Tensor, *, mu_real: Tensor, sigma_real: Tensor, num_r
 
 
 def inception_score(logits: Tensor, *, splits: int, seed: int) -> tuple[float, float]:
-    """IS (Salimans et al., 2016): mean and std of exp(E KL(p(y|x) || p(y))) over `splits` chunks."""
+    """IS (Salimans et al., 2016): mean and std of exp(E KL(p(y|x) || p(y))) over `splits` chunks.
+
+    torchmetrics reports the sample std (ddof=1); the original code and torch-fidelity report the
+    population std (ddof=0), which is returned here. Chunks are torch.chunk's, as in torchmetrics.
+    """
     _need(logits.shape[0], splits, f"IS with {splits} splits")
     with _quiet_seeded(seed):
         score = InceptionScore(feature=IdentityFeatures(logits.shape[1]), splits=splits, sync_on_compute=False)
-        score.update(logits)
+        score.update(logits.double())
         mean, std = score.compute()
-    return float(mean), float(std)
+    chunks = len(torch.arange(logits.shape[0]).chunk(splits))
+    return float(mean), (float(std) * ((chunks - 1) / chunks) ** 0.5 if chunks > 1 else 0.0)
 
 
 def kernel_distance(
@@ -80,8 +85,8 @@ def kernel_distance(
         kid = KernelInceptionDistance(
             feature=IdentityFeatures(fake.shape[1]), subsets=subsets, subset_size=subset_size, sync_on_compute=False
         ).to(fake.device)
-        kid.update(real.to(fake), real=True)
-        kid.update(fake, real=False)
+        kid.update(real.to(fake).double(), real=True)  # float64 like torch-fidelity: float32 is off ~3e-4
+        kid.update(fake.double(), real=False)
         mean, std = kid.compute()
     return float(mean), float(std)
 

@@ -35,6 +35,17 @@ def resolve_inception_weights(weights_path: str | Path | None) -> Path:
     return path
 
 
+def _check_plain_state_dict(path: Path) -> None:
+    """torch-fidelity loads with weights_only=False; refuse anything but tensors before it does."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a plain state_dict of tensors ({type(err).__name__}); expected torch-fidelity's "
+            f"{INCEPTION_WEIGHTS_FILE}, set by {CONFIG_KEY}"
+        ) from err
+
+
 class InceptionExtractor(FeatureExtractor):
     """2048-d pool3 features and 1008 unbiased logits of torch-fidelity's FeatureExtractorInceptionV3.
 
@@ -46,7 +57,7 @@ class InceptionExtractor(FeatureExtractor):
     def __init__(self, *, weights_path: str | None = None) -> None:
         super().__init__()
         path = resolve_inception_weights(weights_path)
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # refuse pickled code early
+        _check_plain_state_dict(path)
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
         )

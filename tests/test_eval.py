@@ -1,0 +1,97 @@
+"""Evaluation end to end: the eval callback in training, difflab-eval on 1 and 2 processes, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import TINY, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A quickly trained digits classifier and a tiny diffusion run that evaluates itself."""
+    root = tmp_path_factory.mktemp("eval")
+    clf = root / "clf.ckpt"
+    run("difflab.cli.train_classifier", "data.image_size=8", "trainer.max_steps=60", f"out_path={clf}",
+        f"hydra.run.dir={root / 'clf_run'}", cwd=root)
+    run_dir = root / "run"
+    train_args = [a for a in TINY if a != "callbacks.evaluation=null"] + [
+        f"paths.cache_dir={root / 'cache'}",
+        f"callbacks.evaluation.metrics.classifier_ckpt={clf}",
+        "callbacks.evaluation.num_samples=20",
+        "callbacks.evaluation.every_n_steps=2",
+        "callbacks.evaluation.samplers.ddim.steps=4",
+    ]
+    run("difflab.cli.train", *train_args, f"hydra.run.dir={run_dir}", cwd=root)
+    return {"root": root, "clf": clf, "run": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
+
+
+def eval_args(s: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [f"ckpt_path={s['ckpt']}", f"metrics.classifier_ckpt={s['clf']}", f"paths.cache_dir={s['root'] / 'cache'}",
+            "num_samples=24", "batch_size=10", "samplers=[ddim-5,ddim-2]", f"out_dir={out}", *extra]
+
+
+def test_training_logs_eval_metrics(setup):
+    metrics = (setup["run"] / "csv" / "metrics.csv").read_text()
+    assert "eval/fid/ddim-4" in metrics and "eval/precision/ddim-4" in metrics
+    rows = json.loads((setup["run"] / "eval" / "metrics.json").read_text())["results"]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["num_samples"] == 20 for r in rows)
+    assert (setup["run"] / "eval" / "metrics_vs_nfe.png").is_file()
+    cached = list((setup["root"] / "cache" / "reference").glob("digits-train-8px-*.pt"))
+    assert len(cached) == 1
+
+
+def test_difflab_eval_writes_metrics_table_and_bpd(setup, tmp_path):
+    cache = next((setup["root"] / "cache" / "reference").glob("*.pt"))
+    before = cache.stat().st_mtime_ns
+    proc = run("difflab.cli.evaluate", *eval_args(setup, tmp_path / "one", "bpd.num_images=8", "bpd.batch_size=8"), cwd=tmp_path)
+    assert "bits/dim" in proc.stdout and "ddim-5" in proc.stdout
+    out = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    labels = [r["sampler"] for r in out["results"]]
+    assert labels == ["ddim-5", "ddim-2"] and [r["nfe"] for r in out["results"]] == [5, 2]
+    for r in out["results"]:
+        assert r["fid"] >= 0 and r["num_samples"] == 24 and r["seed"] == 0 and r["weights"] == "ema"
+        assert r["extractor"].startswith("classifier")
+    assert out["likelihood"]["bpd"] > 0 and out["likelihood"]["bpd_images"] == 8
+    assert (tmp_path / "one" / "metrics_vs_nfe.csv").is_file()
+    assert cache.stat().st_mtime_ns == before  # the reference statistics were reused
+
+
+def test_two_process_eval_matches_one_process(setup, tmp_path):
+    run("difflab.cli.evaluate", *eval_args(setup, tmp_path / "one", "bpd.num_images=0"), cwd=tmp_path)
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "difflab.cli.evaluate", *eval_args(setup, tmp_path / "two", "bpd.num_images=0"),
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    for a, b in zip(one["results"], two["results"]):
+        for key in ("fid", "is_mean", "kid_mean", "precision", "recall"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_missing_inception_weights_fail_before_sampling(setup, tmp_path):
+    proc = run("difflab.cli.evaluate", *eval_args(setup, tmp_path, "metrics.extractor=inception",
+               f"metrics.weights_path={tmp_path}/weights-inception-2015-12-05-6726825d.pth"), cwd=tmp_path, check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "weights-inception-2015-12-05-6726825d.pth" in out, out[-2000:]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_bad_sampler_spec_is_refused(setup, tmp_path):
+    args = [a for a in eval_args(setup, tmp_path) if not a.startswith("samplers=")] + ["samplers=[euler-3]"]
+    proc = run("difflab.cli.evaluate", *args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "sampler 'euler-3' is not understood" in proc.stderr + proc.stdout
