@@ -174,6 +174,7 @@ def test_default_config(compose_cfg, monkeypatch):
         ("classifier.net.num_classes=5", "set classifier.net.num_classes=10"),
         ("classifier.module.lr_schedule=linear", "lr_schedule='linear' is not supported"),
         ("data.image_size=3", "image_size=3 must be an int >= 4"),
+        ("num_threads=0", "num_threads=0 must be a positive int"),
     ],
 )
 def test_bad_settings_fail_before_training(compose_cfg, tmp_path, override, message):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from difflab.cli.build import build_trainer
@@ -44,8 +45,17 @@ def _check_classes(module: ClassifierModule, datamodule: pl.LightningDataModule)
         )
 
 
+def _set_num_threads(num_threads: int | None) -> None:
+    if num_threads is None:
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads={num_threads!r} must be a positive int, or null for torch's default")
+    torch.set_num_threads(num_threads)
+
+
 def train_classifier(cfg: DictConfig) -> dict[str, float | str]:
     """Build everything (failing fast), fit, validate the final weights, save them to cfg.out_path."""
+    _set_num_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_classifier_module(cfg)
