@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,7 @@ def trained(tmp_path_factory) -> Path:
 def test_train_writes_checkpoints_grids_and_metrics(trained):
     ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # the final weights
     grids = sorted(p.name for p in (trained / "samples").iterdir())
     assert grids == [f"{s}_step{k:07d}.png" for s in ("ddim", "ddpm") for k in (2, 4)]
     metrics = (trained / "csv" / "metrics.csv").read_text()

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -136,6 +136,8 @@ def plot_quality_vs_nfe(rows: list[dict[str, Any]], path: Path) -> None:
         for nfe, value, label in pts:
             ax.annotate(label, (nfe, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.set_xticks(sorted({p[0] for p in pts}), [str(p) for p in sorted({p[0] for p in pts})])
+        ax.minorticks_off()
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_title(key)
     fig.tight_layout()
