@@ -93,3 +93,14 @@ def test_resolved_config_has_no_missing_values(tmp_path):
         if key != "hydra" and OmegaConf.is_config(node):
             OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     assert cfg.logger.wandb.offline in (True, False)
+
+
+def test_wandb_run_name_and_sweep_group(tmp_path):
+    from hydra.types import RunMode
+
+    cfg = compose_train(tmp_path, ["schedule=cosine", "seed=3"])
+    assert cfg.logger.wandb.name == "schedule=cosine,seed=3"
+    assert cfg.logger.wandb.group is None
+    cfg = compose_train(tmp_path, ["hydra.mode=MULTIRUN", "hydra.sweep.dir=outputs/multirun/2026-01-01/10-00-00"])
+    assert HydraConfig.get().mode == RunMode.MULTIRUN
+    assert cfg.logger.wandb.group == "outputs_multirun_2026-01-01_10-00-00"

@@ -38,10 +38,32 @@ def wandb_offline() -> bool:
         return True
 
 
+def run_name() -> str | None:
+    """The run's command-line overrides (without hydra.* and paths.*), e.g. 'schedule=cosine,seed=1'."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("hydra.", "paths."))]
+    return ",".join(task) or None
+
+
+def sweep_group() -> str | None:
+    """For a Hydra multirun, the sweep directory's name (groups its runs in W&B); else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).as_posix().replace("/", "_")
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; registering twice is harmless."""
-    if not OmegaConf.has_resolver("difflab_wandb_offline"):
-        OmegaConf.register_new_resolver("difflab_wandb_offline", wandb_offline)
+    for name, fn in (("difflab_wandb_offline", wandb_offline), ("difflab_run_name", run_name),
+                     ("difflab_sweep_group", sweep_group)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
