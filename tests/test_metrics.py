@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from difflab.data import to_uint8
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -25,7 +26,6 @@ from difflab.metrics import (
     ReferenceKey,
     ReferenceStats,
     load_or_compute,
-    to_uint8,
 )
 
 

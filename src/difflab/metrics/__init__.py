@@ -1,7 +1,7 @@
 """Metrics room: feature extractors, reference-statistics cache, FID/IS/KID/PR wrappers.
 
 Stands alone (no other difflab room, no Hydra). Images enter as uint8 (B, C, H, W), C in {1, 3};
-`to_uint8` converts the data room's float [-1, 1] images.
+`difflab.data.to_uint8` converts the data room's float [-1, 1] images.
 """
 
 from difflab.metrics.extractors import (
@@ -13,7 +13,6 @@ from difflab.metrics.extractors import (
     default_inception_weights_path,
 )
 from difflab.metrics.generative import METRIC_NAMES, GenerativeMetrics, MetricName
-from difflab.metrics.images import to_uint8
 from difflab.metrics.reference import ReferenceKey, ReferenceStats, load_or_compute
 
 __all__ = [
@@ -29,5 +28,4 @@ __all__ = [
     "ReferenceStats",
     "default_inception_weights_path",
     "load_or_compute",
-    "to_uint8",
 ]

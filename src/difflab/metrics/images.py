@@ -15,18 +15,13 @@ def check_images(images: Tensor) -> None:
         got = images.dtype if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(
             f"metrics expect uint8 images in [0, 255], got {got}; "
-            "convert float images in [-1, 1] with difflab.metrics.to_uint8"
+            "convert float images in [-1, 1] with difflab.data.to_uint8"
         )
     if images.dim() != 4 or images.shape[1] not in ALLOWED_CHANNELS:
         raise ValueError(
             f"metrics expect images shaped (B, C, H, W) with C in {ALLOWED_CHANNELS}, "
             f"got shape {tuple(images.shape)}"
         )
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Map float images in [-1, 1] to uint8 in [0, 255] (clamped, rounded to nearest)."""
-    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def to_rgb(images: Tensor) -> Tensor:
