@@ -133,3 +133,14 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("run-*.wandb"))
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+    args = [a for a in TINY if not a.startswith("trainer.max_steps")] + [f"hydra.run.dir={tmp_path}"]
+    run("difflab.cli.train", *args, "trainer.max_steps=2", cwd=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    run("difflab.cli.train", *args, "trainer.max_steps=4", "ckpt_path=last", cwd=tmp_path)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["difflab"]["config"]["ckpt_path"] == "last"
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # atomic writes leave nothing behind

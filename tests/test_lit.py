@@ -94,3 +94,26 @@ def test_checkpoint_without_difflab_config_is_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="holds no difflab run config"):
         load_checkpoint(tmp_path / "plain.ckpt")
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
+    from difflab.lit.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    def dying_save(checkpoint, filepath):  # killed half-way through writing the bytes to filepath
+        with open(filepath, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
