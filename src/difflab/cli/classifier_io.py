@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -26,17 +25,10 @@ def train_command(path: str | Path) -> str:
 
 
 def save_atomic(trainer: pl.Trainer, path: str | Path) -> Path:
-    """trainer.save_checkpoint to a temporary file beside `path`, then os.replace: readers never see half a file."""
+    """trainer.save_checkpoint(path): weights + on_save_checkpoint's config. Atomic through the
+    trainer's AtomicCheckpointIO plugin (trainer/default.yaml), which every difflab trainer uses."""
     path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        trainer.save_checkpoint(tmp, weights_only=True)  # model weights + on_save_checkpoint's config
-        if trainer.is_global_zero:  # only rank 0 writes (save_checkpoint ends with a barrier)
-            os.replace(tmp, path)
-    finally:
-        if trainer.is_global_zero:
-            tmp.unlink(missing_ok=True)
+    trainer.save_checkpoint(path, weights_only=True)
     return path
 
 
