@@ -1,4 +1,8 @@
-"""Periodic fixed-seed sample grids from the EMA weights, one per configured sampler."""
+"""Periodic fixed-seed sample grids from the EMA weights, one per configured sampler.
+
+Under DDP each rank draws its contiguous block of the seeds (sample i always uses seed + i), the
+blocks are gathered, and rank zero writes and logs the grid: the same grid on any number of ranks.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from difflab.callbacks.evaluation import shard
 from difflab.data.transforms import to_uint8
 from difflab.samplers.base import Sampler
 
@@ -23,6 +27,24 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
     grid = make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=0)  # (3, H', W')
     return grid.permute(1, 2, 0).numpy()
+
+
+def gather_samples(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, sampler: Sampler, seed: int, n: int, use_ema: bool
+) -> torch.Tensor:
+    """uint8 samples (n, C, H, W) for seeds seed..seed+n-1, each rank drawing its block, on every rank."""
+    world, rank = trainer.world_size, trainer.global_rank
+    block = shard(n, rank, world)
+    # a rank with an empty block still draws one image: all_gather needs the same shape everywhere
+    seeds = range(seed + block.start, seed + max(block.stop, block.start + 1))
+    local = to_uint8(pl_module.sample(sampler, seeds, use_ema=use_ema))  # (len(seeds), C, H, W)
+    if world == 1:
+        return local[: len(block)]
+    per = -(-n // world)  # the largest block
+    padded = local.new_zeros((per, *local.shape[1:]))
+    padded[: len(block)] = local[: len(block)]
+    gathered = trainer.strategy.all_gather(padded)  # (world, per, C, H, W)
+    return torch.cat([gathered[r, : len(shard(n, r, world))] for r in range(world)]).cpu()
 
 
 class SampleGrid(pl.Callback):
@@ -59,16 +81,17 @@ class SampleGrid(pl.Callback):
         if self.at_train_end and trainer.global_step != self._last_step:
             self._make_grids(trainer, pl_module)
 
-    @rank_zero_only
     def _make_grids(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called on every rank (the gather is a collective); only rank zero writes and logs."""
         step = self._last_step = trainer.global_step
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        out_dir.mkdir(parents=True, exist_ok=True)
-        seeds = range(self.seed, self.seed + self.num_samples)
         for name, sampler in self.samplers.items():
-            grid = grid_image(to_uint8(pl_module.sample(sampler, seeds, use_ema=self.use_ema)))
-            Image.fromarray(grid).save(out_dir / f"{name}_step{step:07d}.png")
-            self._log(trainer, f"samples/{name}", grid, step)
+            images = gather_samples(trainer, pl_module, sampler, self.seed, self.num_samples, self.use_ema)
+            if trainer.is_global_zero:
+                grid = grid_image(images)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(grid).save(out_dir / f"{name}_step{step:07d}.png")
+                self._log(trainer, f"samples/{name}", grid, step)
 
     @staticmethod
     def _log(trainer: pl.Trainer, key: str, grid: np.ndarray, step: int) -> None:

@@ -17,6 +17,8 @@ from difflab.cli.build import build_module
 from difflab.cli.common import config_dir
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule
+from difflab.lit.checkpoint_io import UnsafeCheckpointError, safe_load
+from difflab.lit.resume import check_state_dict_fits
 
 log = logging.getLogger("difflab")
 
@@ -27,7 +29,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist or is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = safe_load(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
         raise ValueError(f"ckpt_path={str(path)!r} is not a readable difflab checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or not (ckpt.get("difflab") or {}).get("config"):
@@ -38,7 +42,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
     """Rebuild the run's module from the config stored in the checkpoint and load its weights."""
     ckpt = load_checkpoint(path)
-    module = build_module(OmegaConf.create(ckpt["difflab"]["config"]))
+    config = ckpt["difflab"]["config"]
+    module = build_module(OmegaConf.create(config))
+    check_state_dict_fits(module.state_dict(), ckpt["state_dict"], source=f"ckpt_path={str(path)!r}",
+                          produced_by=config.get("model"))
     module.load_state_dict(ckpt["state_dict"])
     return module.to(device).eval()
 

@@ -22,6 +22,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     module.run_config = to_container(cfg)
     trainer = build_trainer(cfg)
+    refuse_relaunch_in_multirun(trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(module.run_config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -29,6 +30,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def refuse_relaunch_in_multirun(trainer: pl.Trainer) -> None:
+    """Hydra multirun + a strategy that re-executes sys.argv for ranks >= 1 (trainer=ddp on one node
+    without a cluster launcher) would make every child re-run the whole sweep (Lightning #11300,
+    hydra #2070): refuse before any work, naming what works instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise ValueError(
+            f"Hydra multirun (-m) with trainer.strategy={type(trainer.strategy).__name__} on "
+            f"{trainer.num_devices} devices is not supported: Lightning starts ranks >= 1 by re-running the "
+            "command line, which re-runs the whole sweep in every rank. Use a launcher that starts one "
+            "process per device itself: hydra/launcher=submitit_slurm (tasks_per_node = trainer.devices), "
+            "or run each configuration as its own single run (torchrun / difflab-train trainer=ddp ...)"
+        )
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:

@@ -3,15 +3,21 @@
 A subclass sets `num_classes` and implements `_build_dataset()`, returning a Dataset whose
 `__getitems__(indices)` gives a uint8 batch (B, C, image_size, image_size) and int64 labels (B,).
 The loaders turn that into float32 in [-1, 1] per batch (BatchToModelRange).
+
+`batch_size` is the GLOBAL batch: under a Trainer with world size W (devices x num_nodes) each
+process loads batch_size / W images, and the train order is a permutation drawn from (seed, epoch)
+alone (DistributedSampler), so the images of global batch k are the same for any W and a resumed
+run sees the same order as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+import os
+from typing import Callable, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from difflab.data.transforms import BatchToModelRange, check_channels
 
@@ -31,6 +37,38 @@ def check_val_fraction(val_fraction: float) -> None:
 def check_num_workers(num_workers: int) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 0")
+
+
+def per_device_batch_size(global_batch: int, world_size: int) -> int:
+    """The batch each of world_size processes loads so that together they load global_batch."""
+    if global_batch % world_size:
+        lower, upper = global_batch - global_batch % world_size, global_batch + world_size - global_batch % world_size
+        raise ValueError(
+            f"data.batch_size={global_batch} is the global batch, split over {world_size} processes "
+            f"(trainer.devices x trainer.num_nodes); it must be divisible by {world_size}, "
+            f"e.g. {lower or upper} or {upper}"
+        )
+    return global_batch // world_size
+
+
+class EpochPermutationSampler(DistributedSampler):
+    """DistributedSampler (permutation of (seed, epoch), rank r takes every world_size-th index)
+    whose epoch is read from `epoch_of` when iteration starts, when given.
+
+    Lightning 2.6 calls set_epoch with its epoch_progress counter, which after resuming step-based
+    training from an end-of-epoch checkpoint is one ahead of trainer.current_epoch: the resumed run
+    would draw another epoch's order. trainer.current_epoch is right in both cases.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
+                 epoch_of: Callable[[], int] | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch_of = epoch_of
+
+    def __iter__(self) -> Iterator[int]:
+        if self.epoch_of is not None:
+            self.epoch = int(self.epoch_of())
+        return super().__iter__()
 
 
 def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -73,11 +111,20 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._train: Dataset | None = None
         self._val: Dataset | None = None
+        self._world_size, self._rank = 1, 0
+        self.device_batch_size = batch_size  # batch_size / world size once a Trainer sets us up
+        # the train permutation's seed: the run's seed (set by seed_everything) else the split seed
+        self.shuffle_seed = seed
 
     def _build_dataset(self) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} must implement _build_dataset()")
 
     def setup(self, stage: str | None = None) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self._world_size, self._rank = trainer.world_size, trainer.global_rank
+            self.device_batch_size = per_device_batch_size(self.batch_size, self._world_size)
+            self.shuffle_seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
         if self._train is not None:
             return
         full = self._build_dataset()
@@ -132,10 +179,18 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, train=False)
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        # train: a permutation from (shuffle_seed, epoch) only, this rank's strided share of it (Lightning
+        # calls set_epoch); val: left to Lightning (sequential, split over ranks under DDP)
+        trainer = getattr(self, "trainer", None)
+        sampler = EpochPermutationSampler(
+            dataset, num_replicas=self._world_size, rank=self._rank, seed=self.shuffle_seed,
+            epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
+        ) if train else None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
+            batch_size=self.device_batch_size,
+            sampler=sampler,
+            shuffle=False,
             drop_last=train,
             collate_fn=BatchToModelRange(hflip=self.hflip and train),
             num_workers=self.num_workers,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +28,16 @@ class UniformTimesteps:
         """Timestep indices (B,) and importance weights (B,)."""
         t = torch.randint(0, T, (batch_size,), device=device, generator=generator)
         return t, torch.ones(batch_size, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed state (protocol of every timestep sampler): uniform sampling has none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict(); refuses keys this sampler does not know."""
+        if state:
+            raise ValueError(f"UniformTimesteps has no state, but the checkpoint holds {sorted(state)}; "
+                             "was it written with another timestep sampler?")
 
 
 def per_sample_mse(output: Tensor, target: Tensor) -> Tensor:

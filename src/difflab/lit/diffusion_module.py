@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
@@ -12,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.lit import resume
 from difflab.samplers.base import Callback, Sampler
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -72,6 +75,7 @@ class DiffusionModule(pl.LightningModule):
         self.ema_decay = ema_decay
         self._net_fn = torch.compile(net) if compile else net
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
+        self._resumed_rng: list[dict] | None = None  # per-rank RNG states of the checkpoint being resumed
 
     @property
     def parameterization(self) -> str:
@@ -94,9 +98,11 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch[0]).mean()
-        if not torch.isfinite(loss):
+        if not resume.all_ranks_true(bool(torch.isfinite(loss))):  # every rank stops at the same step
             raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at global step {self.global_step}, batch {batch_idx}"
+                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
+                f"(epoch {self.current_epoch}; loss {loss.item()} on rank {self.global_rank}): stopped "
+                "before the optimizer step, so weights, EMA and checkpoints already written are untouched"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -119,8 +125,38 @@ class DiffusionModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            resume.seed_rank(seed, self.global_rank, self.trainer.world_size)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["difflab"] = {"config": self.run_config, "parameterization": self.parameterization}
+        checkpoint["difflab"] = {
+            "config": self.run_config, "parameterization": self.parameterization,
+            "rng": resume.gather_rng_states(),  # one entry per rank (a collective: every rank saves)
+            "timestep_sampler": self.timestep_sampler.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("difflab") or {}
+        resume.check_state_dict_fits(
+            self.state_dict(), checkpoint["state_dict"], source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
+            produced_by=(stored.get("config") or {}).get("model"),
+            expected_config=(self.run_config or {}).get("model"),
+        )
+        self.timestep_sampler.load_state_dict(stored.get("timestep_sampler", {}))
+        self._resumed_rng = stored.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored last, so nothing between loading and the first batch consumes the streams
+        states, self._resumed_rng = self._resumed_rng, None
+        if states and len(states) == self.trainer.world_size:
+            resume.set_rng_state(states[self.global_rank])
+        elif states:
+            rank_zero_warn(f"resuming on {self.trainer.world_size} processes a checkpoint written by "
+                           f"{len(states)}: RNG streams are re-seeded, so the resume is not bitwise exact")
+            resume.seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_step,
+                             self.global_rank, self.trainer.world_size)
 
     @torch.inference_mode()
     def sample(

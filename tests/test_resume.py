@@ -1,0 +1,219 @@
+"""Exact resume after a hard kill, safe failure on a non-finite loss, and refusal of unsafe or
+mismatched checkpoints; the CLI runs as subprocesses with test-only callbacks from tests/_probes.py."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+
+# epochs of 2 steps (limit_train_batches), validation every epoch, last.ckpt at every epoch end
+BASE = [
+    "logger=csv", "data.batch_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]", "schedule.T=50", "trainer.log_every_n_steps=1",
+    "trainer.check_val_every_n_epoch=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "module.lr_warmup_steps=3",
+    "callbacks.sample_grid=null", "callbacks.evaluation=null", "callbacks.progress_bar=null",
+]
+
+
+def cli(module: str, *args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a difflab entry point in a fresh process; tests/ is importable there (for _probes)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k].float() - b[k].float()).abs().max()})"
+
+
+def assert_same_optimizer(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    for i, sa in a["state"].items():
+        for k, v in sa.items():
+            assert torch.equal(v, b["state"][i][k]), f"optimizer state {i}.{k} differs"
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory) -> dict[str, Path]:
+    """6 steps straight; and 6 steps as: SIGKILL at step 3 (last.ckpt holds step 2) + resume."""
+    root = tmp_path_factory.mktemp("resume")
+    straight, killed = root / "straight", root / "killed"
+    cli("difflab.cli.train", *BASE, "trainer.max_steps=6", f"hydra.run.dir={straight}", cwd=root)
+    kill = ["+callbacks.kill._target_=_probes.KillAtStep", "+callbacks.kill.step=3"]
+    proc = cli("difflab.cli.train", *BASE, *kill, "trainer.max_steps=6", f"hydra.run.dir={killed}", cwd=root, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no clean-up ran
+    assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == 2
+    cli("difflab.cli.train", *BASE, "trainer.max_steps=6", "ckpt_path=last", f"hydra.run.dir={killed}", cwd=root)
+    return {"root": root, "straight": straight, "killed": killed}
+
+
+def test_kill_and_resume_gives_bitwise_identical_weights(straight_and_resumed):
+    a = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
+    b = load(straight_and_resumed["killed"] / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 6 and a["epoch"] == b["epoch"]
+    assert any(k.startswith("ema.module.") for k in a["state_dict"])
+    assert_same_tensors(a["state_dict"], b["state_dict"], "net + EMA weights")  # net.*, ema.module.*, ema.n_averaged
+    assert int(a["state_dict"]["ema.n_averaged"]) == 6
+    assert_same_optimizer(a["optimizer_states"][0], b["optimizer_states"][0])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    # (Lightning's own epoch_progress.processed counter runs one ahead after such a resume; the
+    # data order follows trainer.current_epoch, which agrees: see EpochPermutationSampler)
+    for ra, rb in zip(a["difflab"]["rng"], b["difflab"]["rng"]):  # the RNG streams continue identically
+        assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"]
+    # the same validation losses were logged at the same steps (the resumed run logs steps 3..6)
+    val = lambda p: [l.split(",")[-1] for l in (p / "csv" / "metrics.csv").read_text().splitlines() if l.split(",")[-1]]  # noqa: E731
+    assert val(straight_and_resumed["killed"])[-2:] == val(straight_and_resumed["straight"])[-2:]
+
+
+def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path):
+    run_dir, snap = tmp_path / "run", tmp_path / "snapshot"
+    # the net's 6th training forward (step 5 = batch 1 of epoch 2) returns NaN; last.ckpt holds step 4
+    probes = ["model._target_=_probes.NaNAfterUNet", "+model.nan_after=5",
+              "+callbacks.dump._target_=_probes.DumpOnException", f"+callbacks.dump.path={tmp_path / 'at_error.pt'}",
+              "+callbacks.snap._target_=_probes.SnapshotFiles", "+callbacks.snap.step=5",
+              f"+callbacks.snap.src_dir={run_dir / 'checkpoints'}", f"+callbacks.snap.dst_dir={snap}"]
+    proc = cli("difflab.cli.train", *BASE, *probes, "trainer.max_steps=8", f"hydra.run.dir={run_dir}",
+               cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "FloatingPointError: non-finite training loss at global step 5, batch 1" in out, out[-3000:]
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(run_dir / "checkpoints") == files(snap)  # bytes as they were just before the failing step
+    last = load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and int(last["state_dict"]["ema.n_averaged"]) == 4
+    state = torch.load(tmp_path / "at_error.pt", weights_only=True)  # the in-memory weights at the error
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert int(state["ema.n_averaged"]) == 5  # step 4 was averaged, the NaN step 5 was not
+
+
+def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
+    marker = tmp_path / "code_ran"
+    ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
+    ckpt["payload"] = _Exploit(str(marker))  # unpickling it would call Path.touch(marker)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run_dir / "checkpoints" / "last.ckpt")
+    proc = cli("difflab.cli.train", *BASE, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={run_dir}",
+               cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "refusing to load checkpoint" in out and "pickled Python objects" in out, out[-3000:]
+    assert not marker.exists()
+    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
+
+    with pytest.raises(ValueError, match="refusing to load checkpoint"):
+        load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and_resumed, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from difflab.cli.build import build_module
+    from difflab.cli.common import config_dir, to_container
+    from difflab.cli.sample import module_from_checkpoint
+
+    path = straight_and_resumed["straight"] / "checkpoints" / "last.ckpt"
+    ckpt = load(path)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in BASE if not o.startswith("logger")] + ["model.ch=16"])
+    finally:
+        GlobalHydra.instance().clear()
+    module = build_module(cfg)
+    module.run_config = {"model": to_container(cfg.model)}
+    with pytest.raises(ValueError) as err:  # what Lightning calls on resume before loading the weights
+        module.on_load_checkpoint(ckpt)
+    msg = str(err.value)
+    assert "does not fit this model" in msg and "net.conv_in.weight: checkpoint (8, 1, 3, 3) vs model (16, 1, 3, 3)" in msg
+    assert "'ch': 8" in msg and "'ch': 16" in msg  # the config that produced the checkpoint, and this one
+    # sample/eval rebuild the net from the checkpoint's own config: a file whose config and weights disagree
+    ckpt["difflab"]["config"]["model"]["ch_mult"] = [1, 2, 2]
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(ValueError, match=r"(?s)does not fit this model.*missing in checkpoint.*'ch_mult': \[1, 2, 2\]"):
+        module_from_checkpoint(bad, torch.device("cpu"))
+
+
+def test_rng_state_round_trip_and_per_rank_seeds():
+    from difflab.lit.resume import rng_state, seed_rank, set_rng_state
+
+    seed_rank(3, 0, 1)
+    state = pickle.loads(pickle.dumps(rng_state()))
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+    seed_rank(3, 0, 2)
+    a = torch.rand(4)
+    seed_rank(3, 1, 2)
+    assert not torch.equal(a, torch.rand(4))  # ranks draw different noise
+
+
+def test_timestep_sampler_state_is_saved_and_restored():
+    from difflab.diffusion import linear_betas
+    from difflab.diffusion.objectives import UniformTimesteps
+    from difflab.lit import DiffusionModule
+    from difflab.nets import UNet
+
+    class Counting(UniformTimesteps):  # a stateful sampler following the protocol
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def sample(self, batch_size, *, T, device, generator=None):
+            self.calls += 1
+            return super().sample(batch_size, T=T, device=device, generator=generator)
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"]
+
+    def module(sampler):
+        net = UNet(image_size=8, in_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+        return DiffusionModule(net=net, betas=linear_betas(50), optimizer=torch.optim.SGD, timestep_sampler=sampler)
+
+    src = module(Counting())
+    src.loss(torch.zeros(2, 1, 8, 8))
+    src.loss(torch.zeros(2, 1, 8, 8))
+    ckpt = {"state_dict": src.state_dict()}
+    src.on_save_checkpoint(ckpt)
+    ckpt = pickle.loads(pickle.dumps(ckpt))
+    assert ckpt["difflab"]["timestep_sampler"] == {"calls": 2} and len(ckpt["difflab"]["rng"]) == 1
+    dst = module(Counting())
+    dst.on_load_checkpoint(ckpt)
+    assert dst.timestep_sampler.calls == 2
+    with pytest.raises(ValueError, match=r"UniformTimesteps has no state.*\['calls'\]"):
+        module(UniformTimesteps()).on_load_checkpoint(ckpt)
