@@ -14,16 +14,20 @@ from difflab.nets.unet import UNet
 
 
 class RankWeights(pl.Callback):
-    """At the end of training every rank saves its net and EMA weights to out_dir/rank<r>.pt."""
+    """At the end of training every rank saves its weights (net, EMA) and the sizes of its batches to out_dir/rank<r>.pt."""
 
     def __init__(self, *, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
+        self.batch_sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self.batch_sizes.append(int(batch[0].shape[0]))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        torch.save({"state_dict": state, "world_size": trainer.world_size, "step": trainer.global_step},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
+        torch.save({"state_dict": state, "world_size": trainer.world_size, "step": trainer.global_step,
+                    "batch_sizes": self.batch_sizes}, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
 class KillAtStep(pl.Callback):

@@ -63,7 +63,7 @@ class SampleGrid(pl.Callback):
     ) -> None:
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and num_samples={num_samples} must be >= 1")
-        self.samplers = dict(samplers)
+        self.samplers = {k: s for k, s in samplers.items() if s is not None}  # samplers.<name>=null disables one
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.use_ema, self.at_train_end, self.dirname = use_ema, at_train_end, dirname
         self._last_step = -1

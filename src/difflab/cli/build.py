@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -30,7 +31,25 @@ def build_list(group: DictConfig | None) -> list[Any]:
     return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
 
 
+def check_gpus(trainer_cfg: DictConfig) -> None:
+    """Refuse GPU settings this machine cannot satisfy, naming what was asked and what is present
+    (Lightning only says "No supported gpu backend found!")."""
+    accelerator, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", "auto")
+    if accelerator not in ("gpu", "cuda") or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return
+    present = torch.cuda.device_count()
+    if present == 0:
+        raise ValueError(
+            f"trainer.accelerator={accelerator} (devices={devices}) but no CUDA GPU is visible here "
+            "(torch.cuda.device_count() == 0); use trainer=cpu, trainer=ddp_cpu, or run on a GPU machine"
+        )
+    if isinstance(devices, int) and devices > present or not isinstance(devices, (int, str)) and max(devices) >= present:
+        raise ValueError(f"trainer.devices={devices} asks for GPUs this machine does not have: "
+                         f"it has {present} (ids 0..{present - 1}); use devices <= {present} or devices=auto")
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    """Lightning's Trainer with the configured callbacks and loggers."""
+    """Lightning's Trainer with the configured callbacks and loggers; impossible GPU requests fail first."""
+    check_gpus(cfg.trainer)
     loggers = build_list(cfg.get("logger"))
     return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False)

@@ -114,7 +114,10 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # once per optimizer step (not per accumulated batch), and before callbacks' on_train_batch_end,
+        # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):
