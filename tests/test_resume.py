@@ -109,21 +109,34 @@ def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path)
 
 
 def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from difflab.cli.build import build_module, build_trainer
+    from difflab.cli.common import config_dir
+    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
+
     marker = tmp_path / "code_ran"
     ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
     ckpt["payload"] = _Exploit(str(marker))  # unpickling it would call Path.touch(marker)
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save(ckpt, run_dir / "checkpoints" / "last.ckpt")
-    proc = cli("difflab.cli.train", *BASE, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={run_dir}",
-               cwd=tmp_path, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "refusing to load checkpoint" in out and "pickled Python objects" in out, out[-3000:]
-    assert not marker.exists()
-    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
-
+    evil = tmp_path / "last.ckpt"
+    torch.save(ckpt, evil)
+    GlobalHydra.instance().clear()
+    try:  # Lightning's own resume path (Trainer.fit(ckpt_path=...) -> AtomicCheckpointIO), in this process
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[*BASE, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}",
+                                              f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+            HydraConfig().set_config(cfg)
+            trainer = build_trainer(cfg)
+            with pytest.raises(ValueError, match=r"refusing to load checkpoint .*last.ckpt.*pickled Python objects"):
+                trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data), ckpt_path=str(evil))
+    finally:
+        GlobalHydra.instance().clear()
+    assert trainer.global_step == 0 and not marker.exists()
     with pytest.raises(ValueError, match="refusing to load checkpoint"):
-        load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        load_checkpoint(evil)
     assert not marker.exists()
 
 
