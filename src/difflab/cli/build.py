@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from difflab.cli.cluster import slurm_plugins
 from difflab.lit import DiffusionModule
 
 
@@ -31,6 +32,11 @@ def build_list(group: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    """Lightning's Trainer with the configured callbacks and loggers."""
+    """Lightning's Trainer with the configured callbacks, loggers and plugins (+ SLURM's, under srun)."""
     loggers = build_list(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False)
+    plugins = [instantiate(p, _convert_="all") for p in cfg.trainer.get("plugins") or []]
+    slurm = cfg.get("slurm") or {}
+    plugins += slurm_plugins(auto_requeue=bool(slurm.get("auto_requeue", True)),
+                             signal_name=str(slurm.get("requeue_signal", "USR2")))
+    return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False,
+                       plugins=plugins or None)
