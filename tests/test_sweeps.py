@@ -156,6 +156,8 @@ def test_slurm_launcher_writes_an_sbatch_script_matching_the_trainer(tmp_path, m
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "sbatch: error: test" >&2\nexit 1\n')
     (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that srun exists
+    (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
@@ -163,7 +165,7 @@ def test_slurm_launcher_writes_an_sbatch_script_matching_the_trainer(tmp_path, m
         launcher.launch([["schedule=cosine"], ["schedule=linear"]], initial_job_idx=0)
     script = (tmp_path / "job.sh").read_text()
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@120", "--partition=gpu",
-                 "--time=90", "--array=0-1%2", "--cpus-per-task=8", "--mem=64GB"):
+                 "--time=90", "--array=0-1%2", "--cpus-per-task=8", "--mem=64GB", "--requeue"):
         assert f"#SBATCH {line}\n" in script, line
     assert "\nsrun " in script  # every task (one per GPU) is started by srun
 
