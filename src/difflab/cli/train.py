@@ -27,7 +27,7 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     module = build_module(cfg)
     module.run_config = to_container(cfg)
     trainer = build_trainer(cfg)
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
     if isinstance(environment, SLURMEnvironment):
         hand_signal_to_lightning(environment)
     try:
