@@ -222,6 +222,8 @@ class Evaluation(pl.Callback):
         for r in rows:
             r["step"] = step
         self.history.extend(rows)
+        # on every rank, so ModelCheckpoint / EarlyStopping can monitor them and a sweeper can read them
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in flat_metrics(rows).items()})
         self._publish(trainer, rows, step)
 
     @rank_zero_only

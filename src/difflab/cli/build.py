@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from difflab.cli.cluster import slurm_plugins
 from difflab.lit import DiffusionModule
 
 
@@ -49,7 +50,13 @@ def check_gpus(trainer_cfg: DictConfig) -> None:
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    """Lightning's Trainer with the configured callbacks and loggers; impossible GPU requests fail first."""
+    """Lightning's Trainer with the configured callbacks, loggers and plugins (+ SLURM's, under srun);
+    impossible GPU requests fail first."""
     check_gpus(cfg.trainer)
     loggers = build_list(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False)
+    plugins = [instantiate(p, _convert_="all") for p in cfg.trainer.get("plugins") or []]
+    slurm = cfg.get("slurm") or {}
+    plugins += slurm_plugins(auto_requeue=bool(slurm.get("auto_requeue", True)),
+                             signal_name=str(slurm.get("requeue_signal", "USR2")))
+    return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False,
+                       plugins=plugins or None)

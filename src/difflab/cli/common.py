@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,16 @@ def sweep_group() -> str | None:
 
 def register_resolvers() -> None:
     """Resolvers the configs use; registering twice is harmless."""
+    from difflab.cli.cluster import run_id
+
     for name, fn in (("difflab_wandb_offline", wandb_offline), ("difflab_run_name", run_name),
                      ("difflab_sweep_group", sweep_group)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    # cached like ${now:}: Hydra copies the cache into every job of a sweep (and submitit pickles it),
+    # so all jobs of a sweep agree on its directory
+    if not OmegaConf.has_resolver("difflab_run_id"):
+        OmegaConf.register_new_resolver("difflab_run_id", run_id, use_cache=True)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -72,3 +79,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 
 
 register_resolvers()
+# conf/hydra/launcher/submitit_{slurm,local}.yaml deliberately share the plugin's names, so Hydra
+# validates them against the plugin's schema (and says this is deprecated); the files are complete
+# (_target_ included) and keep working if Hydra drops the validation.
+warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_.* is validated against ConfigStore schema")

@@ -4,29 +4,41 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import hydra
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from difflab.cli.build import build_module, build_trainer
+from difflab.cli.cluster import hand_signal_to_lightning
 from difflab.cli.common import config_dir, to_container
+from difflab.cli.runs import run_status
 
 log = logging.getLogger("difflab")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     """Build everything (failing fast on bad input), fit, and return the final callback metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg)
     module.run_config = to_container(cfg)
     trainer = build_trainer(cfg)
+    environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
+    if isinstance(environment, SLURMEnvironment):
+        hand_signal_to_lightning(environment)
     refuse_relaunch_in_multirun(trainer)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(module.run_config)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    _finish_wandb(trainer)
+    try:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(module.run_config)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:  # also when a job of a sweep fails: the next job must start its own W&B run
+        _finish_wandb(trainer)
+        if status is not None:
+            status["global_step"] = trainer.global_step
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -69,9 +81,34 @@ def _report(run_dir: Path) -> None:
             log.info("  %s", f)
 
 
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """Before training: an eval/* metric needs the evaluation callback."""
+    name = cfg.get("optimized_metric")
+    if name is not None and str(name).startswith("eval/") and not (cfg.get("callbacks") or {}).get("evaluation"):
+        raise ValueError(f"optimized_metric={name!r} needs the evaluation callback, but callbacks.evaluation is null")
+
+
+def optimized_value(metrics: Mapping[str, float], name: str | None) -> float | None:
+    """metrics[name] for a sweeper (None when name is None); a missing name lists what exists."""
+    if name is None:
+        return None
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged by this run; available: {sorted(metrics) or 'none'} "
+            "(eval/* come from the evaluation callback, val/* from a validation epoch)"
+        )
+    return float(metrics[name])
+
+
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Train; <run dir>/status.json records the outcome (read by difflab-report); returns optimized_metric."""
+    with run_status(Path(cfg.paths.output_dir), enabled=rank_zero_only.rank == 0) as status:
+        check_optimized_metric(cfg)
+        status["metrics"] = metrics = train(cfg, status)
+        value = status["optimized_value"] = optimized_value(metrics, cfg.get("optimized_metric"))
+        status["optimized_metric"] = cfg.get("optimized_metric")
+    return value
 
 
 if __name__ == "__main__":
