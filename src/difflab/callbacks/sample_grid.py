@@ -26,7 +26,12 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
 
 
 class SampleGrid(pl.Callback):
-    """Every N steps (and at the end of training) sample a fixed-seed grid with each sampler."""
+    """Every N steps (and at the end of training) sample a fixed-seed grid with each sampler.
+
+    For a class-conditional model (pl_module.num_classes set) with per_class=True the grid has one
+    row per class, num_samples // num_classes images each, drawn with classifier-free guidance
+    scale `guidance_scale` (0 unconditional, 1 conditional, > 1 guided).
+    """
 
     def __init__(
         self,
@@ -38,10 +43,15 @@ class SampleGrid(pl.Callback):
         use_ema: bool = True,
         at_train_end: bool = True,
         dirname: str = "samples",
+        per_class: bool = True,
+        guidance_scale: float = 1.0,
     ) -> None:
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and num_samples={num_samples} must be >= 1")
-        self.samplers = dict(samplers)
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (0 unconditional, 1 conditional, > 1 guided)")
+        self.per_class, self.guidance_scale = per_class, float(guidance_scale)
+        self.samplers = {k: v for k, v in samplers.items() if v is not None}  # samplers.<name>=null drops one
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.use_ema, self.at_train_end, self.dirname = use_ema, at_train_end, dirname
         self._last_step = -1
@@ -64,9 +74,14 @@ class SampleGrid(pl.Callback):
         step = self._last_step = trainer.global_step
         out_dir = Path(trainer.default_root_dir) / self.dirname
         out_dir.mkdir(parents=True, exist_ok=True)
-        seeds = range(self.seed, self.seed + self.num_samples)
+        seeds, kwargs, nrow = range(self.seed, self.seed + self.num_samples), {}, None
+        num_classes = getattr(pl_module, "num_classes", None)
+        if num_classes and self.per_class:  # one row per class
+            nrow = max(1, self.num_samples // num_classes)
+            seeds = range(self.seed, self.seed + nrow * num_classes)
+            kwargs = {"labels": torch.arange(num_classes).repeat_interleave(nrow), "guidance_scale": self.guidance_scale}
         for name, sampler in self.samplers.items():
-            grid = grid_image(to_uint8(pl_module.sample(sampler, seeds, use_ema=self.use_ema)))
+            grid = grid_image(to_uint8(pl_module.sample(sampler, seeds, use_ema=self.use_ema, **kwargs)), nrow)
             Image.fromarray(grid).save(out_dir / f"{name}_step{step:07d}.png")
             self._log(trainer, f"samples/{name}", grid, step)
 

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks.evaluation import evaluate_samplers, format_table, write_results
-from difflab.cli.common import config_dir, to_container
+from difflab.callbacks.evaluation import check_guidance_scales, evaluate_samplers, format_table, write_results
+from difflab.cli.common import config_dir, flush_denormals, to_container
 from difflab.cli.metrics import build_metrics
 from difflab.cli.sample import load_checkpoint, module_from_checkpoint, resolve_device
 from difflab.data.transforms import to_model_range
@@ -103,6 +103,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = module_from_checkpoint(cfg.ckpt_path, device)
     for s in samplers.values():
         s.validate(module.schedule.T)
+    guidance_scales = list(cfg.get("guidance_scales") or []) or None
+    check_guidance_scales(guidance_scales, module.num_classes)
     dataset = run_cfg.data_name
     metrics = build_metrics(extractor=cfg.metrics.extractor, dataset=dataset, image_size=run_cfg.data.image_size,
                             cache_dir=cfg.paths.cache_dir, metrics=list(cfg.metrics.names),
@@ -110,7 +112,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(run_cfg.data)
     metrics.set_reference(reference_stats(cfg, datamodule, metrics.extractor, dataset, rank, world))
     rows = evaluate_samplers(module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples,
-                             batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema)
+                             batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema,
+                             guidance_scales=guidance_scales, num_classes=module.num_classes)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:
@@ -131,6 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    flush_denormals()
     evaluate(cfg)
 
 

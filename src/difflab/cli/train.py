@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from difflab.cli.build import build_module, build_trainer
-from difflab.cli.common import config_dir, to_container
+from difflab.cli.common import config_dir, flush_denormals, to_container
 
 log = logging.getLogger("difflab")
 
@@ -50,6 +50,7 @@ def _report(run_dir: Path) -> None:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    flush_denormals()
     train(cfg)
 
 
