@@ -160,3 +160,50 @@ def test_offset_noise_adds_one_offset_per_image_and_channel(gen):
 def test_noisy_classifier_shapes_and_mismatched_T_is_refused(tmp_path):
     net = NoisyImageClassifier(image_size=8, in_channels=1, num_classes=10, ch=8)
     assert net(torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 9])).shape == (3, 10)
+
+
+class RecordingModel:
+    """Records the labels and guidance scale of every sample() call; returns grey images."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, sampler, seeds, *, use_ema=True, labels=None, guidance_scale=None):
+        self.calls.append((list(seeds), labels, guidance_scale))
+        return torch.zeros(len(seeds), 1, 8, 8)
+
+
+class CountingMetrics:
+    """Counts images; FID/IS are functions of w so the sweep's plot has distinct points."""
+
+    class extractor:  # noqa: N801
+        name = "counting"
+
+    def reset(self):
+        self.n = 0
+
+    def update_fake(self, images):
+        self.n += images.shape[0]
+
+    def compute(self):
+        return {"fid": float(self.n), "is_mean": 1.0 + len(self.__dict__)}
+
+
+def test_guidance_sweep_labels_nfe_and_fid_vs_is_plot(tmp_path):
+    from difflab.callbacks.evaluation import evaluate_samplers, write_results
+
+    model, rows = RecordingModel(), []
+    for rank in range(2):  # two shards: labels follow the global sample index, like seeds
+        rows = evaluate_samplers(model, {"ddim": DDIM(steps=5)}, CountingMetrics(), T=20, num_samples=7, batch_size=3,
+                                 seed=100, rank=rank, world_size=2, guidance_scales=[0.0, 1.0, 3.0], num_classes=3)
+    assert [r["sampler"] for r in rows] == ["ddim-5-w0", "ddim-5-w1", "ddim-5-w3"]
+    assert [r["nfe"] for r in rows] == [5, 5, 10]  # a guided step evaluates the net twice
+    for seeds, labels, _ in model.calls:
+        assert labels == [(s - 100) % 3 for s in seeds]
+    assert {w for *_, w in model.calls} == {0.0, 1.0, 3.0}
+    rows = [dict(r, is_mean=1.0 + r["guidance_scale"]) for r in rows]
+    paths = write_results(rows, tmp_path, "metrics")
+    assert paths["fid_vs_is"].is_file() and paths["fid_vs_is"].stat().st_size > 1000
+    with pytest.raises(ValueError, match="model is unconditional"):
+        evaluate_samplers(model, {"ddim": DDIM(steps=5)}, CountingMetrics(), T=20, num_samples=4, batch_size=2,
+                          seed=0, guidance_scales=[3.0], num_classes=None)
