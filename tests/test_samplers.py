@@ -145,8 +145,8 @@ def test_ddim_more_steps_than_T_is_refused():
 
 
 def test_bad_ddpm_variance_is_refused():
-    with pytest.raises(ValueError, match="variance='learned'.*fixed_small"):
-        DDPM(variance="learned")
+    with pytest.raises(ValueError, match="variance='learnt'.*fixed_small"):
+        DDPM(variance="learnt")
 
 
 def test_names_and_nfe():

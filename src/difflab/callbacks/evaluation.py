@@ -30,7 +30,7 @@ log = logging.getLogger("difflab")
 class SamplingModel(Protocol):
     """What evaluation needs of a model: its public sample() and its number of timesteps."""
 
-    def sample(self, sampler: Sampler, seeds: Sequence[int], *, use_ema: bool = True) -> torch.Tensor: ...
+    def sample(self, sampler: Sampler, seeds: Sequence[int], *, use_ema: bool = True, **guidance) -> torch.Tensor: ...
 
 
 def shard(n: int, rank: int, world_size: int) -> range:
@@ -57,13 +57,22 @@ def evaluate_sampler(
     rank: int = 0,
     world_size: int = 1,
     use_ema: bool = True,
+    guidance_scale: float | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Stream this rank's share of num_samples through the metrics; returns the synced scores."""
+    """Stream this rank's share of num_samples through the metrics; returns the synced scores.
+
+    With guidance_scale (class-conditional models) sample i gets label i mod num_classes, so every
+    class is equally represented and labels, like seeds, do not depend on sharding.
+    """
     metrics.reset()
     block = shard(num_samples, rank, world_size)
     for start in range(block.start, block.stop, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, block.stop))
-        metrics.update_fake(to_uint8(model.sample(sampler, seeds, use_ema=use_ema)))
+        kwargs = {}
+        if guidance_scale is not None:
+            kwargs = {"labels": [(s - seed) % num_classes for s in seeds], "guidance_scale": guidance_scale}
+        metrics.update_fake(to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs)))
     return metrics.compute()
 
 
@@ -79,24 +88,49 @@ def evaluate_samplers(
     rank: int = 0,
     world_size: int = 1,
     use_ema: bool = True,
+    guidance_scales: Sequence[float] | None = None,
+    num_classes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per sampler: label, NFE, every metric, and the settings that produced them."""
+    """One row per sampler (and guidance scale w, for class-conditional models): label, NFE, every metric, settings.
+
+    NFE counts network evaluations per sample: a guided step (w not 0 or 1) evaluates the net twice.
+    """
+    check_guidance_scales(guidance_scales, num_classes)
     rows = []
     for sampler in samplers.values():
         sampler.validate(T)
     for sampler in samplers.values():
-        start = time.perf_counter()
-        scores = evaluate_sampler(
-            model, sampler, metrics, num_samples=num_samples, batch_size=batch_size, seed=seed,
-            rank=rank, world_size=world_size, use_ema=use_ema,
-        )
-        rows.append({
-            "sampler": sampler_label(sampler, T), "nfe": sampler.nfe(T), **scores,
-            "num_samples": num_samples, "seed": seed, "extractor": metrics.extractor.name,
-            "weights": "ema" if use_ema else "raw", "seconds": round(time.perf_counter() - start, 2),
-            "settings": repr(sampler),
-        })
+        for w in guidance_scales or [None]:
+            start = time.perf_counter()
+            scores = evaluate_sampler(
+                model, sampler, metrics, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                rank=rank, world_size=world_size, use_ema=use_ema, guidance_scale=w, num_classes=num_classes,
+            )
+            label, nfe = sampler_label(sampler, T), sampler.nfe(T)
+            row = {"sampler": label if w is None else f"{label}-w{w:g}", "nfe": nfe if w in (None, 0.0, 1.0) else 2 * nfe}
+            if w is not None:
+                row["guidance_scale"] = w
+            rows.append({
+                **row, **scores,
+                "num_samples": num_samples, "seed": seed, "extractor": metrics.extractor.name,
+                "weights": "ema" if use_ema else "raw", "seconds": round(time.perf_counter() - start, 2),
+                "settings": repr(sampler),
+            })
     return rows
+
+
+def check_guidance_scales(guidance_scales: Sequence[float] | None, num_classes: int | None) -> None:
+    """Guidance scales need a class-conditional model and must be >= 0."""
+    if not guidance_scales:
+        return
+    if num_classes is None:
+        raise ValueError(
+            f"guidance_scales={list(guidance_scales)} but the model is unconditional (num_classes=None); "
+            "train with model.num_classes=auto or set guidance_scales to null"
+        )
+    bad = [w for w in guidance_scales if not float(w) >= 0]
+    if bad:
+        raise ValueError(f"guidance_scales contains {bad[0]!r}; every w must be >= 0 (0 unconditional, 1 conditional)")
 
 
 METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
@@ -118,7 +152,37 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, stem: str, extra: d
         writer.writeheader()
         writer.writerows(rows)
     plot_quality_vs_nfe(rows, paths["png"])
+    if any("guidance_scale" in r for r in rows) and any("fid" in r and "is_mean" in r for r in rows):
+        paths["fid_vs_is"] = out_dir / f"{stem}_fid_vs_is.png"
+        plot_fid_vs_is(rows, paths["fid_vs_is"])
     return paths
+
+
+def plot_fid_vs_is(rows: list[dict[str, Any]], path: Path) -> None:
+    """FID against IS, one line per sampler through its guidance scales, each point labelled w (Ho & Salimans 2022, Fig. 1 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "guidance_scale" in r and "fid" in r and "is_mean" in r:
+            groups.setdefault(r["settings"] + str(r.get("step", "")), []).append(r)
+    for members in groups.values():
+        members = sorted(members, key=lambda r: r["guidance_scale"])
+        base = members[0]["sampler"].rsplit("-w", 1)[0] + (f" @{members[0]['step']}" if "step" in members[0] else "")
+        ax.plot([r["is_mean"] for r in members], [r["fid"] for r in members], "o-", label=base)
+        for r in members:
+            ax.annotate(f"w={r['guidance_scale']:g}", (r["is_mean"], r["fid"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("IS")
+    ax.set_ylabel("FID")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_quality_vs_nfe(rows: list[dict[str, Any]], path: Path) -> None:
@@ -173,6 +237,7 @@ class Evaluation(pl.Callback):
         reference_split: str = "train",
         reference_images: int | None = None,
         at_train_end: bool = True,
+        guidance_scales: Sequence[float] | None = None,
     ) -> None:
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
@@ -183,10 +248,12 @@ class Evaluation(pl.Callback):
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
         self.seed, self.use_ema, self.at_train_end = seed, use_ema, at_train_end
         self.reference_split, self.reference_images = reference_split, reference_images
+        self.guidance_scales = None if not guidance_scales else [float(w) for w in guidance_scales]
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_guidance_scales(self.guidance_scales, getattr(pl_module, "num_classes", None))
         for sampler in self.samplers.values():
             sampler.validate(pl_module.schedule.T)
         self.metrics.to(pl_module.device)
@@ -217,7 +284,8 @@ class Evaluation(pl.Callback):
         rows = evaluate_samplers(
             pl_module, self.samplers, self.metrics, T=pl_module.schedule.T, num_samples=self.num_samples,
             batch_size=self.batch_size, seed=self.seed, rank=trainer.global_rank,
-            world_size=trainer.world_size, use_ema=self.use_ema,
+            world_size=trainer.world_size, use_ema=self.use_ema, guidance_scales=self.guidance_scales,
+            num_classes=getattr(pl_module, "num_classes", None),
         )
         for r in rows:
             r["step"] = step
@@ -239,3 +307,5 @@ class Evaluation(pl.Callback):
                 logger.log_table(key="eval/quality_vs_nfe", columns=columns,
                                  data=[[r[c] for c in columns] for r in rows], step=step)
                 logger.log_image(key="eval/quality_vs_nfe_plot", images=[str(paths["png"])], step=step)
+                if "fid_vs_is" in paths:
+                    logger.log_image(key="eval/fid_vs_is_plot", images=[str(paths["fid_vs_is"])], step=step)

@@ -30,14 +30,26 @@ def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
 
 
 def gather_samples(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, sampler: Sampler, seed: int, n: int, use_ema: bool
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    sampler: Sampler,
+    seed: int,
+    n: int,
+    use_ema: bool,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """uint8 samples (n, C, H, W) for seeds seed..seed+n-1, each rank drawing its block, on every rank."""
+    """uint8 samples (n, C, H, W) for seeds seed..seed+n-1 (labels[i] for sample i), each rank drawing its block."""
     world, rank = trainer.world_size, trainer.global_rank
     block = shard(n, rank, world)
     # a rank with an empty block still draws one image: all_gather needs the same shape everywhere
-    seeds = range(seed + block.start, seed + max(block.stop, block.start + 1))
-    local = to_uint8(pl_module.sample(sampler, seeds, use_ema=use_ema))  # (len(seeds), C, H, W)
+    stop = max(block.stop, block.start + 1)
+    seeds = range(seed + block.start, seed + stop)
+    kwargs = {}
+    if labels is not None:
+        padded_labels = torch.cat([labels, labels[-1:].expand(max(0, stop - n))])
+        kwargs = {"labels": padded_labels[block.start: stop], "guidance_scale": guidance_scale}
+    local = to_uint8(pl_module.sample(sampler, seeds, use_ema=use_ema, **kwargs))  # (len(seeds), C, H, W)
     if world == 1:
         return local[: len(block)]
     per = -(-n // world)  # the largest block
@@ -48,7 +60,12 @@ def gather_samples(
 
 
 class SampleGrid(pl.Callback):
-    """Every N steps (and at the end of training) sample a fixed-seed grid with each sampler."""
+    """Every N steps (and at the end of training) sample a fixed-seed grid with each sampler.
+
+    For a class-conditional model (pl_module.num_classes set) with per_class=True the grid has one
+    row per class, num_samples // num_classes images each, drawn with classifier-free guidance
+    scale `guidance_scale` (0 unconditional, 1 conditional, > 1 guided).
+    """
 
     def __init__(
         self,
@@ -60,10 +77,15 @@ class SampleGrid(pl.Callback):
         use_ema: bool = True,
         at_train_end: bool = True,
         dirname: str = "samples",
+        per_class: bool = True,
+        guidance_scale: float = 1.0,
     ) -> None:
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and num_samples={num_samples} must be >= 1")
-        self.samplers = {k: s for k, s in samplers.items() if s is not None}  # samplers.<name>=null disables one
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (0 unconditional, 1 conditional, > 1 guided)")
+        self.per_class, self.guidance_scale = per_class, float(guidance_scale)
+        self.samplers = {k: v for k, v in samplers.items() if v is not None}  # samplers.<name>=null drops one
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.use_ema, self.at_train_end, self.dirname = use_ema, at_train_end, dirname
         self._last_step = -1
@@ -85,10 +107,15 @@ class SampleGrid(pl.Callback):
         """Called on every rank (the gather is a collective); only rank zero writes and logs."""
         step = self._last_step = trainer.global_step
         out_dir = Path(trainer.default_root_dir) / self.dirname
+        n, labels, nrow = self.num_samples, None, None
+        num_classes = getattr(pl_module, "num_classes", None)
+        if num_classes and self.per_class:  # one row per class
+            nrow = max(1, self.num_samples // num_classes)
+            n, labels = nrow * num_classes, torch.arange(num_classes).repeat_interleave(nrow)
         for name, sampler in self.samplers.items():
-            images = gather_samples(trainer, pl_module, sampler, self.seed, self.num_samples, self.use_ema)
+            images = gather_samples(trainer, pl_module, sampler, self.seed, n, self.use_ema, labels, self.guidance_scale)
             if trainer.is_global_zero:
-                grid = grid_image(images)
+                grid = grid_image(images, nrow)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(grid).save(out_dir / f"{name}_step{step:07d}.png")
                 self._log(trainer, f"samples/{name}", grid, step)

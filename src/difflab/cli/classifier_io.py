@@ -32,6 +32,36 @@ def save_atomic(trainer: pl.Trainer, path: str | Path) -> Path:
     return path
 
 
+def _load_net(path: str | Path, kind: str):
+    """The net of a difflab checkpoint of the given kind, rebuilt from its stored config, in eval mode."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no {kind} checkpoint at {str(path)!r}; create it with: {train_command(path)}")
+    ckpt = load_checkpoint(path)
+    found = ckpt["difflab"].get("kind")
+    if found != kind:
+        raise ValueError(f"{str(path)!r} is a difflab checkpoint of kind {found!r}, not {kind!r}")
+    net_cfg = (ckpt["difflab"]["config"].get("classifier") or {}).get("net") or {}
+    target = str(net_cfg.get("_target_", ""))
+    if not target.startswith(_NET_PREFIX):  # the stored config picks what gets called: nets only
+        raise ValueError(f"{str(path)!r}: classifier.net._target_={target!r} is not allowed; it must name a class in {_NET_PREFIX}*")
+    net = instantiate(net_cfg, _convert_="all")
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    return net.eval(), ckpt["difflab"]["config"]
+
+
+def load_noisy_classifier(path: str | Path, T: int):
+    """The noise-aware classifier (x_t, t) -> logits saved by `difflab-train-classifier classifier=noisy_digits`; refuses another T."""
+    net, config = _load_net(path, "noisy_classifier")
+    trained_T = int((config.get("schedule") or {}).get("T", -1))
+    if trained_T != T:
+        raise ValueError(
+            f"classifier_ckpt={str(path)!r} was trained on a schedule with T={trained_T}, the model has T={T}; "
+            f"train it with schedule.T={T} (and the model's schedule) for classifier guidance"
+        )
+    return net
+
+
 def load_classifier(path: str | Path) -> ImageClassifier:
     """The classifier saved at `path` by difflab-train-classifier, rebuilt from its stored config, in eval mode.
 

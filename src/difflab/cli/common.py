@@ -25,6 +25,14 @@ def config_dir() -> str:
     )
 
 
+def flush_denormals() -> None:
+    """Flush denormal floats to zero on CPU: a class-conditional digits U-Net trained ~10x slower
+    without it (measured: 1.44 s vs 0.14 s per step), as convolutions on denormals take a slow path."""
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def wandb_offline() -> bool:
     """True unless W&B credentials exist (WANDB_API_KEY or a ~/.netrc entry) or WANDB_MODE says online."""
     mode = os.environ.get("WANDB_MODE", "").lower()

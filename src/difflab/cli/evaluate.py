@@ -13,29 +13,31 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks.evaluation import evaluate_samplers, format_table, write_results
-from difflab.cli.common import config_dir, to_container
+from difflab.callbacks.evaluation import check_guidance_scales, evaluate_samplers, format_table, write_results
+from difflab.cli.common import config_dir, flush_denormals, to_container
 from difflab.cli.metrics import build_metrics
 from difflab.cli.sample import load_checkpoint, module_from_checkpoint, resolve_device
 from difflab.data.transforms import to_model_range
 from difflab.diffusion.likelihood import bits_per_dim
-from difflab.diffusion.process import fixed_log_variance
 from difflab.metrics.reference import ReferenceKey, load_or_compute
 from difflab.samplers import DDIM, DDPM
 from difflab.samplers.base import Sampler
 
 log = logging.getLogger("difflab")
-SAMPLER_SPEC = re.compile(r"^(ddpm(-large)?|ddim-(\d+)(-eta([0-9.]+))?)$")
+SAMPLER_SPEC = re.compile(r"^(ddpm(-(\d+))?(-large)?|ddim-(\d+)(-eta([0-9.]+))?)$")
 
 
 def parse_sampler(spec: str) -> Sampler:
-    """'ddpm' | 'ddpm-large' | 'ddim-<S>' | 'ddim-<S>-eta<e>' -> a sampler object."""
+    """'ddpm[-<S>][-large]' | 'ddim-<S>' | 'ddim-<S>-eta<e>' -> a sampler object (ddpm: the model's learned variance if any, else beta_tilde)."""
     m = SAMPLER_SPEC.match(spec)
     if not m:
-        raise ValueError(f"sampler {spec!r} is not understood; use ddpm, ddpm-large, ddim-<steps> or ddim-<steps>-eta<eta>")
+        raise ValueError(
+            f"sampler {spec!r} is not understood; use ddpm, ddpm-large, ddpm-<steps> (respaced), "
+            "ddim-<steps> or ddim-<steps>-eta<eta>"
+        )
     if spec.startswith("ddpm"):
-        return DDPM(variance="fixed_large" if m.group(2) else "fixed_small")
-    return DDIM(steps=int(m.group(3)), eta=float(m.group(5) or 0.0))
+        return DDPM(variance="fixed_large" if m.group(4) else "auto", steps=int(m.group(3)) if m.group(3) else None)
+    return DDIM(steps=int(m.group(5)), eta=float(m.group(7) or 0.0))
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -78,7 +80,7 @@ def heldout_bpd(cfg: DictConfig, module, datamodule, device: torch.device) -> di
     """Mean bits/dim (L_T + sum L_{t-1} + L_0) over bpd.num_images val images (rank zero only)."""
     if cfg.bpd.num_images <= 0:
         return None
-    log_var = fixed_log_variance(module.schedule, "fixed_small")
+    log_var = module.log_variance()  # the learned Sigma head, or the fixed beta_tilde table
     totals, n = [], 0
     for images in datamodule.uint8_batches("val", batch_size=cfg.bpd.batch_size, limit=cfg.bpd.num_images):
         x0 = to_model_range(images).to(device)
@@ -101,6 +103,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = module_from_checkpoint(cfg.ckpt_path, device)
     for s in samplers.values():
         s.validate(module.schedule.T)
+    guidance_scales = list(cfg.get("guidance_scales") or []) or None
+    check_guidance_scales(guidance_scales, module.num_classes)
     dataset = run_cfg.data_name
     metrics = build_metrics(extractor=cfg.metrics.extractor, dataset=dataset, image_size=run_cfg.data.image_size,
                             cache_dir=cfg.paths.cache_dir, metrics=list(cfg.metrics.names),
@@ -108,7 +112,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(run_cfg.data)
     metrics.set_reference(reference_stats(cfg, datamodule, metrics.extractor, dataset, rank, world))
     rows = evaluate_samplers(module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples,
-                             batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema)
+                             batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema,
+                             guidance_scales=guidance_scales, num_classes=module.num_classes)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:
@@ -129,6 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    flush_denormals()
     evaluate(cfg)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
 from difflab.cli.build import build_module
-from difflab.cli.common import config_dir
+from difflab.cli.common import config_dir, flush_denormals
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule
 from difflab.lit.checkpoint_io import UnsafeCheckpointError, safe_load
@@ -60,25 +60,75 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def sample_labels(label: Any, num_samples: int) -> list[int] | None:
+    """label=null -> None; an int -> that class for every sample; a list -> cycled over the samples."""
+    if label is None:
+        return None
+    values = list(label) if isinstance(label, (list, tuple)) or OmegaConf.is_list(label) else [label]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"label={label!r} must be null, an int class index, or a non-empty list of them")
+    return [values[i % len(values)] for i in range(num_samples)]
+
+
+def guidance_kwargs(cfg: DictConfig, module: DiffusionModule, device: torch.device) -> dict[str, Any]:
+    """labels, guidance_scale and (with classifier_ckpt) the noise-aware classifier for module.sample."""
+    labels = sample_labels(cfg.get("label"), cfg.num_samples)
+    scale, cls_scale = float(cfg.get("guidance_scale", 1.0)), float(cfg.get("classifier_scale", 0.0))
+    if labels is not None and module.num_classes is not None:
+        bad = [y for y in labels if not 0 <= y < module.num_classes]
+        if bad:
+            raise ValueError(f"label={bad[0]} is outside 0..{module.num_classes - 1} (the model's num_classes={module.num_classes})")
+    if labels is not None and module.num_classes is None and not cfg.get("classifier_ckpt"):
+        raise ValueError("label was given but this checkpoint is unconditional (model.num_classes=null); "
+                         "train with model.num_classes=auto (e.g. experiment=digits_cfg) or pass classifier_ckpt=")
+    if scale < 0 or cls_scale < 0:
+        raise ValueError(f"guidance_scale={scale} and classifier_scale={cls_scale} must be >= 0")
+    out: dict[str, Any] = {"labels": labels, "guidance_scale": scale}
+    if cfg.get("classifier_ckpt"):
+        from difflab.cli.classifier_io import load_noisy_classifier
+
+        if labels is None:
+            raise ValueError("classifier_ckpt is set but label is null; classifier guidance steers towards label=<class>")
+        out["classifier"] = load_noisy_classifier(cfg.classifier_ckpt, module.schedule.T).to(device)
+        out["classifier_scale"] = cls_scale
+    return out
+
+
+def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
+    """File stem naming the sampler, count, seed and any label / guidance settings."""
+    stem = f"{name}_n{cfg.num_samples}_seed{cfg.seed}"
+    label = cfg.get("label")
+    if kwargs.get("labels") is not None:
+        stem += f"_label{label if isinstance(label, int) else 'list'}_w{kwargs['guidance_scale']:g}"
+    if kwargs.get("classifier") is not None:
+        stem += f"_s{kwargs['classifier_scale']:g}"
+    return stem
+
+
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
     sampler = hydra.utils.instantiate(cfg.sampler)
-    module = module_from_checkpoint(cfg.ckpt_path, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    module = module_from_checkpoint(cfg.ckpt_path, device)
     sampler.validate(module.schedule.T)
+    kwargs = guidance_kwargs(cfg, module, device)
+    labels = kwargs.pop("labels")
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = []
     for start in range(0, cfg.num_samples, cfg.batch_size):
         seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_samples))
-        x = module.sample(sampler, seeds, use_ema=cfg.use_ema)
+        batch_labels = None if labels is None else labels[start : start + len(seeds)]
+        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels, **kwargs)
         batches.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
         log.info("sampled %d / %d with %s", start + len(seeds), cfg.num_samples, sampler.name)
     images = np.concatenate(batches)
-    stem = f"{sampler.name}_n{cfg.num_samples}_seed{cfg.seed}"
+    stem = sample_stem(cfg, sampler.name, {"labels": labels, **kwargs})
     paths = {"npz": out_dir / f"{stem}.npz", "png": out_dir / f"{stem}.png"}
-    np.savez(paths["npz"], images=images, seeds=np.arange(cfg.seed, cfg.seed + cfg.num_samples))
+    extra = {} if labels is None else {"labels": np.asarray(labels)}
+    np.savez(paths["npz"], images=images, seeds=np.arange(cfg.seed, cfg.seed + cfg.num_samples), **extra)
     grid = grid_image(torch.from_numpy(images[: cfg.grid_max]).permute(0, 3, 1, 2), cfg.nrow)
     Image.fromarray(grid).save(paths["png"])
     for kind, p in paths.items():
@@ -88,6 +138,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    flush_denormals()
     sample(cfg)
 
 

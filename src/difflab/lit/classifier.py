@@ -36,6 +36,8 @@ def random_translate(x: Tensor, max_shift: int, generator: torch.Generator | Non
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy training of `net` (x in [-1, 1] -> logits) with random small translations."""
 
+    checkpoint_kind = "classifier"
+
     def __init__(
         self,
         *,
@@ -103,4 +105,4 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["difflab"] = {"config": self.run_config, "kind": "classifier"}
+        checkpoint["difflab"] = {"config": self.run_config, "kind": self.checkpoint_kind}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from difflab.nets.blocks import conv2d, linear, num_groups
+from difflab.nets.blocks import Downsample, ResBlock, conv2d, group_norm, linear, num_groups
+from difflab.nets.embeddings import SinusoidalEmbedding
 
 CH_MULT = (1, 2, 4)  # channels per resolution level, as multiples of ch; one stride-2 step between levels
 MIN_IMAGE_SIZE = 2 ** (len(CH_MULT) - 1)  # every stride-2 step must halve something
@@ -104,3 +105,52 @@ class ImageClassifier(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a float tensor in [-1, 1], got dtype {x.dtype}")
+
+
+class NoisyImageClassifier(nn.Module):
+    """Noise-aware classifier p_phi(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021, Sec. 4).
+
+    The encoder half of a U-Net: time embedding, ResBlocks (time-conditioned) with a stride-2
+    Downsample between levels, then GroupNorm-SiLU, global average pool and a linear head.
+    forward(x_t, t) -> logits (B, num_classes); t are the diffusion timestep indices (B,).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int,
+        num_classes: int,
+        ch: int = 32,
+        ch_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.image_size = _positive_int("image_size", image_size, minimum=2 ** (len(ch_mult) - 1))
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.num_classes = _positive_int("num_classes", num_classes, minimum=2)
+        self.ch = _positive_int("ch", ch)
+        if isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        temb = 4 * ch
+        self.time_embed = nn.Sequential(SinusoidalEmbedding(dim=ch), linear(ch, temb), nn.SiLU(), linear(temb, temb))
+        self.conv_in = conv2d(in_channels, ch, kernel_size=3)
+        self.blocks, in_ch = nn.ModuleList(), ch
+        for level, mult in enumerate(ch_mult):
+            for _ in range(_positive_int("num_res_blocks", num_res_blocks)):
+                self.blocks.append(ResBlock(in_channels=in_ch, out_channels=ch * mult, temb_channels=temb, dropout=dropout))
+                in_ch = ch * mult
+            if level != len(ch_mult) - 1:
+                self.blocks.append(Downsample(channels=in_ch))
+        self.norm_out = group_norm(in_ch)
+        self.head = linear(in_ch, num_classes)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        # x: (B, C, H, W) noisy images x_t, t: (B,) timestep indices
+        temb = self.time_embed(t)  # (B, 4ch)
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h, temb) if isinstance(block, ResBlock) else block(h)
+        h = nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))  # (B, C')
+        return self.head(h)  # (B, num_classes)

@@ -13,16 +13,25 @@ from torch import Tensor
 
 from difflab.diffusion.process import Parameterization, eps_from_x0, x0_eps_from_output
 from difflab.diffusion.schedules import NoiseSchedule, extract
+from difflab.diffusion.variance import split_variance_output
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+# cond_fn(x_t, t) -> s * grad_x log p(y | x_t), the classifier-guidance gradient (Dhariwal & Nichol 2021)
+CondFn = Callable[[Tensor, Tensor], Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[dict[str, Any]], None] | None
-# step(x_t, x0, eps, t, t_prev) -> x_{t_prev}; t_prev = -1 means "to the data" (alpha_bar = 1)
+# step(x_t, x0, eps, t, t_prev) -> x_{t_prev}; t_prev = -1 means "to the data" (alpha_bar = 1).
+# With learned_variance=True the loop calls step(x_t, x0, eps, t, t_prev, v), v the variance output.
 StepFn = Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
 
 
 class Sampler(Protocol):
-    """What the Lightning module, callbacks and CLI rely on."""
+    """What the Lightning module, callbacks and CLI rely on.
+
+    Samplers that support learned variances and classifier guidance (DDPM, DDIM) also take the
+    keywords `model_variance` ('fixed' | 'learned' | 'learned_range') and `cond_fn`; callers pass
+    them only when they are not the defaults, so other samplers need not accept them.
+    """
 
     @property
     def name(self) -> str: ...
@@ -43,6 +52,48 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
+def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
+    """s = max(1, quantile_p |x0|) per sample, x0 -> clamp(x0, -s, s) / s (Saharia et al. 2022, Imagen, Sec. 2.3)."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic_percentile={percentile!r} must be in (0, 1]; Imagen uses 0.995")
+    s = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0)  # (B,)
+    s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-s, s) / s
+
+
+def check_dynamic_percentile(percentile: float | None) -> None:
+    """None (off) or a number in (0, 1]."""
+    if percentile is not None and (isinstance(percentile, bool) or not 0.0 < float(percentile) <= 1.0):
+        raise ValueError(f"dynamic_percentile={percentile!r} must be in (0, 1] (Imagen: 0.995) or null for none")
+
+
+def predict(
+    model_fn: ModelFn,
+    x_t: Tensor,
+    t: Tensor,
+    schedule: NoiseSchedule,
+    parameterization: Parameterization,
+    *,
+    clip_x0: bool,
+    dynamic_percentile: float | None = None,
+    learned_variance: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(x0, eps, v): v is the variance output of a 2C-channel net (else None); x0 thresholded, eps made consistent.
+
+    dynamic_percentile (Imagen's dynamic thresholding) takes precedence over static clipping.
+    """
+    alpha_bar = extract(schedule.alpha_bar, t, x_t)
+    output = model_fn(x_t, t).to(x_t.dtype)
+    v = None
+    if learned_variance:
+        output, v = split_variance_output(output)
+    x0, eps = x0_eps_from_output(output, x_t, alpha_bar, parameterization)
+    if dynamic_percentile is not None or clip_x0:
+        x0 = dynamic_threshold(x0, dynamic_percentile) if dynamic_percentile is not None else x0.clamp(-1.0, 1.0)
+        eps = eps_from_x0(x_t, x0, alpha_bar)
+    return x0, eps, v
+
+
 def predict_x0_eps(
     model_fn: ModelFn,
     x_t: Tensor,
@@ -50,13 +101,12 @@ def predict_x0_eps(
     schedule: NoiseSchedule,
     parameterization: Parameterization,
     clip_x0: bool,
+    *,
+    dynamic_percentile: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model; with clip_x0, x0 is clamped to [-1, 1] and eps made consistent with it."""
-    alpha_bar = extract(schedule.alpha_bar, t, x_t)
-    x0, eps = x0_eps_from_output(model_fn(x_t, t).to(x_t.dtype), x_t, alpha_bar, parameterization)
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = eps_from_x0(x_t, x0, alpha_bar)
+    x0, eps, _ = predict(model_fn, x_t, t, schedule, parameterization, clip_x0=clip_x0,
+                         dynamic_percentile=dynamic_percentile)
     return x0, eps
 
 
@@ -70,6 +120,8 @@ def reverse_loop(
     parameterization: Parameterization,
     clip_x0: bool,
     callback: Callback,
+    dynamic_percentile: float | None = None,
+    learned_variance: bool = False,
 ) -> Tensor:
     """Run x_T -> x_0 over descending `timesteps`; callback gets {i, t, x, x0} after every step (k-diffusion style)."""
     schedule = schedule.to(x_T.device)
@@ -77,8 +129,9 @@ def reverse_loop(
     t_prevs = list(timesteps[1:]) + [-1]
     for i, (t, t_prev) in enumerate(zip(timesteps, t_prevs)):
         t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0, eps = predict_x0_eps(model_fn, x, t_vec, schedule, parameterization, clip_x0)
-        x = step(x, x0, eps, t, t_prev)
+        x0, eps, v = predict(model_fn, x, t_vec, schedule, parameterization, clip_x0=clip_x0,
+                             dynamic_percentile=dynamic_percentile, learned_variance=learned_variance)
+        x = step(x, x0, eps, t, t_prev, v) if learned_variance else step(x, x0, eps, t, t_prev)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x

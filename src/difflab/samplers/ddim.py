@@ -1,4 +1,4 @@
-"""DDIM sampling with eta in [0, 1] on any sub-sequence of timesteps (Song, Meng & Ermon 2021)."""
+"""DDIM sampling with eta in [0, 1] on any sub-sequence of timesteps (Song, Meng & Ermon 2021), with learned variances and classifier guidance."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from difflab.diffusion.process import Parameterization, randn_like
+from difflab.diffusion.process import Parameterization, randn_like, x0_from_eps
 from difflab.diffusion.schedules import NoiseSchedule
-from difflab.samplers.base import Callback, Generator, ModelFn, check_choice, reverse_loop
+from difflab.diffusion.variance import ModelVariance, check_model_variance, learned_log_variance, respace
+from difflab.samplers.base import (
+    Callback,
+    CondFn,
+    Generator,
+    ModelFn,
+    check_choice,
+    check_dynamic_percentile,
+    reverse_loop,
+)
 
 Spacing = Literal["linspace", "leading", "trailing", "quadratic"]
 
@@ -49,26 +59,49 @@ def ddim_sample(
     clip_x0: bool = True,
     generator: Generator = None,
     callback: Callback = None,
+    model_variance: ModelVariance = "fixed",
+    dynamic_percentile: float | None = None,
+    cond_fn: CondFn | None = None,
 ) -> Tensor:
-    """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z (DDIM Eq. 12, sigma from Eq. 16 times eta)."""
+    """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z (DDIM Eq. 12, sigma from Eq. 16 times eta).
+
+    Learned variance: sigma^2 = eta^2 Sigma_theta on the respaced sub-sequence (Nichol & Dhariwal
+    2021, Sec. 4), which is DDIM's own sigma^2 when Sigma_theta = beta_tilde'. Classifier guidance
+    replaces eps by eps - sqrt(1 - ab_t) s grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 2).
+    """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta!r} is outside [0, 1]; 0 is deterministic DDIM, 1 is DDPM-like")
+    check_model_variance(model_variance)
+    check_dynamic_percentile(dynamic_percentile)
     timesteps = ddim_timesteps(schedule.T, steps, spacing)
     schedule = schedule.to(x_T.device)
     alpha_bar = schedule.alpha_bar
+    learned = model_variance != "fixed"
+    sub = respace(schedule, timesteps) if learned else None
+    index = {t: i for i, t in enumerate(sorted(timesteps))}
 
-    def step(x_t: Tensor, x0: Tensor, eps: Tensor, t: int, t_prev: int) -> Tensor:
+    def step(x_t: Tensor, x0: Tensor, eps: Tensor, t: int, t_prev: int, v: Tensor | None = None) -> Tensor:
         ab_t = alpha_bar[t]
         ab_prev = alpha_bar[t_prev] if t_prev >= 0 else alpha_bar.new_ones(())
-        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+        if cond_fn is not None:  # eps correction, then x0 from the corrected eps
+            t_vec = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+            eps = eps - (1 - ab_t).sqrt().to(x_t.dtype) * cond_fn(x_t, t_vec)
+            x0 = x0_from_eps(x_t, eps, ab_t.to(x_t.dtype))
+        if learned and eta > 0:
+            i_vec = torch.full((x_t.shape[0],), index[t], device=x_t.device, dtype=torch.long)
+            var = eta**2 * learned_log_variance(v, i_vec, sub, model_variance).exp()  # (B, C, H, W)
+            sigma = var.clamp(max=float(1 - ab_prev)).sqrt()
+        else:
+            sigma = (eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()).to(x_t.dtype)
         x_prev = ab_prev.sqrt().to(x_t.dtype) * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt().to(x_t.dtype) * eps
         if eta > 0 and t_prev >= 0:
-            x_prev = x_prev + sigma.to(x_t.dtype) * randn_like(x_t, generator)
+            x_prev = x_prev + sigma * randn_like(x_t, generator)
         return x_prev
 
     return reverse_loop(
         model_fn, x_T, schedule, timesteps, step,
         parameterization=parameterization, clip_x0=clip_x0, callback=callback,
+        dynamic_percentile=dynamic_percentile, learned_variance=learned,
     )
 
 
@@ -80,9 +113,11 @@ class DDIM:
     eta: float = 0.0
     spacing: Spacing = "linspace"
     clip_x0: bool = True
+    dynamic_percentile: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("spacing", self.spacing, get_args(Spacing))
+        check_dynamic_percentile(self.dynamic_percentile)
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r} must be an integer >= 1 (and <= T of the model)")
         if not 0.0 <= self.eta <= 1.0:
@@ -108,9 +143,12 @@ class DDIM:
         parameterization: Parameterization = "eps",
         generator: Generator = None,
         callback: Callback = None,
+        model_variance: ModelVariance = "fixed",
+        cond_fn: CondFn | None = None,
     ) -> Tensor:
         return ddim_sample(
             model_fn, x_T, schedule, steps=self.steps, eta=self.eta, spacing=self.spacing,
             parameterization=parameterization, clip_x0=self.clip_x0, generator=generator,
-            callback=callback,
+            callback=callback, model_variance=model_variance,
+            dynamic_percentile=self.dynamic_percentile, cond_fn=cond_fn,
         )
