@@ -8,11 +8,14 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from difflab.lit import DiffusionModule
+from difflab.lit import DiffusionModule, ScoreModule
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Network, schedule, objective and optimizer from config; fails fast on bad shapes or values."""
+def build_module(cfg: DictConfig) -> DiffusionModule | ScoreModule:
+    """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
+    if cfg.get("sde") is not None:  # score-based model: NCSN or a continuous-time SDE
+        return instantiate(cfg.module, net=instantiate(cfg.model), sde=instantiate(cfg.sde),
+                           optimizer=instantiate(cfg.optimizer), _convert_="all")
     return instantiate(
         cfg.module,
         net=instantiate(cfg.model),

@@ -16,7 +16,8 @@ from difflab.callbacks.sample_grid import grid_image
 from difflab.cli.build import build_module
 from difflab.cli.common import config_dir
 from difflab.data.transforms import to_uint8
-from difflab.lit import DiffusionModule
+from difflab.lit import DiffusionModule, ScoreModule
+from difflab.samplers.families import check_sampler_fits, default_sampler_name
 
 log = logging.getLogger("difflab")
 
@@ -35,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
+def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule | ScoreModule:
     """Rebuild the run's module from the config stored in the checkpoint and load its weights."""
     ckpt = load_checkpoint(path)
     module = build_module(OmegaConf.create(ckpt["difflab"]["config"]))
@@ -53,12 +54,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def checkpoint_family(path: str | Path) -> str:
+    """The model family a checkpoint remembers ('ddpm' for checkpoints written before families existed)."""
+    return load_checkpoint(path)["difflab"].get("family", "ddpm")
+
+
+def choose_sampler(cfg: DictConfig, family: str):
+    """The sampler named on the command line, else the family's default (conf/sampler/<default>.yaml)."""
+    task = hydra.core.hydra_config.HydraConfig.get().overrides.task if hydra.core.hydra_config.HydraConfig.initialized() else []
+    named = any(o.split("=")[0].lstrip("+~") == "sampler" for o in task)
+    default = default_sampler_name(family)
+    if named or default == "ddim":
+        return hydra.utils.instantiate(cfg.sampler)
+    tweaks = [o for o in task if o.lstrip("+~").startswith("sampler.")]
+    if tweaks:
+        raise ValueError(f"{tweaks} set sampler options without naming a sampler; this {family!r} checkpoint "
+                         f"samples with sampler={default} by default: add sampler={default} (or another valid sampler)")
+    log.info("no sampler named: using sampler=%s, the default for a %s model", default, family)
+    return hydra.utils.instantiate(OmegaConf.load(Path(config_dir()) / "sampler" / f"{default}.yaml"))
+
+
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
-    sampler = hydra.utils.instantiate(cfg.sampler)
+    sampler = choose_sampler(cfg, checkpoint_family(cfg.ckpt_path))
     module = module_from_checkpoint(cfg.ckpt_path, resolve_device(cfg.device))
+    check_sampler_fits(sampler, module.schedule)
     sampler.validate(module.schedule.T)
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

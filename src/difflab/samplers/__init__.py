@@ -3,8 +3,22 @@
 from difflab.samplers.base import Sampler, predict_x0_eps, reverse_loop
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
+from difflab.samplers.langevin import ALD, annealed_langevin_sample
+from difflab.samplers.ode import PFODE, pf_ode_sample
+from difflab.samplers.sde import PC, pc_sample
+from difflab.samplers.solvers import DPMSolverPP, Heun, dpmpp_2m_sample, edm_heun_sample
 
 __all__ = [
+    "ALD",
+    "DPMSolverPP",
+    "Heun",
+    "PC",
+    "PFODE",
+    "annealed_langevin_sample",
+    "dpmpp_2m_sample",
+    "edm_heun_sample",
+    "pc_sample",
+    "pf_ode_sample",
     "DDIM",
     "DDPM",
     "Sampler",
