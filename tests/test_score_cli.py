@@ -41,15 +41,14 @@ def test_checkpoint_remembers_family_and_grids_use_its_samplers(trained):
 def test_sample_without_a_sampler_uses_the_family_default(trained, tmp_path):
     name, run_dir = trained
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if name == "digits_ncsn":  # ALD over the model's own 3 levels: 3 x 100 + 1 NFE
-        run("difflab.cli.sample", f"ckpt_path={ckpt}", "num_samples=2", f"out_dir={tmp_path}", cwd=tmp_path)
-        assert [p.name for p in tmp_path.glob("*.npz")] == ["ald-100xL_n2_seed0.npz"]
-    else:  # the PC default is 2000 NFE: check the choice through its error, then sample with fewer steps
-        proc = run("difflab.cli.sample", f"ckpt_path={ckpt}", "sampler.steps=3", cwd=tmp_path, check=False)
-        assert proc.returncode != 0 and "add sampler=pc" in proc.stderr
-        run("difflab.cli.sample", f"ckpt_path={ckpt}", "sampler=pc", "sampler.steps=3", "num_samples=2",
-            f"out_dir={tmp_path}", cwd=tmp_path)
-        assert [p.name for p in tmp_path.glob("*.npz")] == ["pc-rd-lc1-3_n2_seed0.npz"]
+    # the defaults cost 2000 (PC) and 301 (ALD) NFE: check the choice through its error, then sample cheaply
+    default, cheap, stem = {"digits_ncsn": ("ald", "sampler.n_steps_each=2", "ald-2xL"),
+                            "digits_vpsde": ("pc", "sampler.steps=3", "pc-rd-lc1-3")}[name]
+    proc = run("difflab.cli.sample", f"ckpt_path={ckpt}", cheap, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and f"add sampler={default}" in proc.stderr
+    run("difflab.cli.sample", f"ckpt_path={ckpt}", f"sampler={default}", cheap, "num_samples=2",
+        f"out_dir={tmp_path}", cwd=tmp_path)
+    assert [p.name for p in tmp_path.glob("*.npz")] == [f"{stem}_n2_seed0.npz"]
 
 
 def test_fast_solvers_sample_score_models_and_ddim_is_refused(trained, tmp_path):
