@@ -48,7 +48,7 @@ GROUPS = ["data", "model", "schedule", "objective", "timestep_sampler", "optimiz
     "group, option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
 )
 def test_every_option_composes_and_instantiates(tmp_path, group, option):
-    extra = ["data.image_size=32", "data.channels=3"] if (group, option) == ("model", "ddpm_cifar10") else []
+    extra = ["data.image_size=32", "data.channels=3"] if group == "model" and option.endswith("cifar10") else []
     if group in ("trainer", "callbacks"):  # the digits classifier is trained in test_eval; these use packaged weights
         extra.append("callbacks.evaluation.metrics.extractor=efficientnet_lite0")
     cfg = compose_train(tmp_path, [f"{group}={option}", *extra])
@@ -77,7 +77,7 @@ def test_every_sampler_option_instantiates(option):
         cfg = compose("sample", overrides=[f"sampler={option}", "ckpt_path=x"])
     sampler = instantiate(cfg.sampler)
     sampler.validate(1000)
-    assert sampler.nfe(1000) >= 1
+    assert sampler.nfe(1000) >= 1 or getattr(sampler, "adaptive", False)  # an adaptive ODE knows its NFE after sampling
 
 
 @pytest.mark.parametrize("option", options("experiment"))

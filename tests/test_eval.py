@@ -95,3 +95,16 @@ def test_bad_sampler_spec_is_refused(setup, tmp_path):
     args = [a for a in eval_args(setup, tmp_path) if not a.startswith("samplers=")] + ["samplers=[euler-3]"]
     proc = run("difflab.cli.evaluate", *args, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "sampler 'euler-3' is not understood" in proc.stderr + proc.stdout
+
+
+def test_difflab_eval_compares_fast_solvers_and_ode_bits_per_dim(setup, tmp_path):
+    """DDIM, DPM-Solver++, Heun and the adaptive PF-ODE side by side on the DDPM eps model; bits/dim via the PF-ODE."""
+    args = eval_args(setup, tmp_path, "bpd.num_images=2", "bpd.batch_size=2", "bpd.method=ode", "bpd.rtol=1e-2", "bpd.atol=1e-2")
+    args = [a for a in args if not a.startswith("samplers=")] + ["samplers=[ddim-3,dpmpp-3,heun-2,ode-tol1e-2]"]
+    run("difflab.cli.evaluate", *args, cwd=tmp_path)
+    out = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {r["sampler"]: r for r in out["results"]}
+    assert [rows[k]["nfe"] for k in ("ddim-3", "dpmpp-3", "heun-2")] == [3, 3, 3]
+    ode = next(r for k, r in rows.items() if k.startswith("ode"))
+    assert ode["nfe"] > 6 and ode["fid"] >= 0  # the adaptive solver's measured NFE
+    assert out["likelihood"]["bpd_method"] == "pf-ode" and 0 < out["likelihood"]["bpd"] < 30

@@ -10,7 +10,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from difflab.cli.cluster import slurm_plugins
-from difflab.lit import DiffusionModule
+from difflab.lit import DiffusionModule, ScoreModule
 
 
 def data_num_classes(cfg: DictConfig) -> int:
@@ -34,8 +34,11 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
     return out
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Network, schedule, objective and optimizer from config; fails fast on bad shapes or values."""
+def build_module(cfg: DictConfig) -> DiffusionModule | ScoreModule:
+    """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
+    if cfg.get("sde") is not None:  # score-based model: NCSN or a continuous-time SDE
+        return instantiate(cfg.module, net=instantiate(cfg.model), sde=instantiate(cfg.sde),
+                           optimizer=instantiate(cfg.optimizer), _convert_="all")
     objective = instantiate(cfg.objective)
     extra = {"timestep_sampler": instantiate(cfg.timestep_sampler)} if cfg.get("timestep_sampler") else {}
     return instantiate(

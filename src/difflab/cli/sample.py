@@ -16,9 +16,10 @@ from difflab.callbacks.sample_grid import grid_image
 from difflab.cli.build import build_module
 from difflab.cli.common import config_dir, flush_denormals
 from difflab.data.transforms import to_uint8
-from difflab.lit import DiffusionModule
+from difflab.lit import DiffusionModule, ScoreModule
 from difflab.lit.checkpoint_io import UnsafeCheckpointError, safe_load
 from difflab.lit.resume import check_state_dict_fits
+from difflab.samplers.families import check_sampler_fits, default_sampler_name
 
 log = logging.getLogger("difflab")
 
@@ -39,7 +40,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
+def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule | ScoreModule:
     """Rebuild the run's module from the config stored in the checkpoint and load its weights."""
     ckpt = load_checkpoint(path)
     config = ckpt["difflab"]["config"]
@@ -103,15 +104,17 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
     return stem
+from difflab.samplers.families import check_sampler_fits, default_sampler_name
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
-    sampler = hydra.utils.instantiate(cfg.sampler)
+    sampler = choose_sampler(cfg, checkpoint_family(cfg.ckpt_path))
     device = resolve_device(cfg.device)
     module = module_from_checkpoint(cfg.ckpt_path, device)
+    check_sampler_fits(sampler, module.schedule)
     sampler.validate(module.schedule.T)
     kwargs = guidance_kwargs(cfg, module, device)
     labels = kwargs.pop("labels")

@@ -4,8 +4,22 @@ from difflab.samplers.base import Sampler, dynamic_threshold, predict, predict_x
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
+from difflab.samplers.langevin import ALD, annealed_langevin_sample
+from difflab.samplers.ode import PFODE, pf_ode_sample
+from difflab.samplers.sde import PC, pc_sample
+from difflab.samplers.solvers import DPMSolverPP, Heun, dpmpp_2m_sample, edm_heun_sample
 
 __all__ = [
+    "ALD",
+    "DPMSolverPP",
+    "Heun",
+    "PC",
+    "PFODE",
+    "annealed_langevin_sample",
+    "dpmpp_2m_sample",
+    "edm_heun_sample",
+    "pc_sample",
+    "pf_ode_sample",
     "DDIM",
     "DDPM",
     "Sampler",
