@@ -70,7 +70,8 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         self.ema_decay = ema_decay
-        self._net_fn = torch.compile(net) if compile else net
+        if compile:  # in place: state_dict keys stay net.*; the EMA copy (made above) samples eagerly
+            net.compile()
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
 
     @property
@@ -90,16 +91,22 @@ class DiffusionModule(pl.LightningModule):
             x0.shape[0], T=self.schedule.T, device=x0.device, generator=generator
         )
         eps = randn_like(x0, generator)
-        return self.objective(self._net_fn, x0, t, eps, self.schedule) * weights
+        return self.objective(self.net, x0, t, eps, self.schedule) * weights
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch[0]).mean()
-        if not torch.isfinite(loss):
+        self._check_finite(loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _check_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Raise on a non-finite loss. Reading it is a host sync, free on CPU; on accelerators it is
+        done every log_every_n_steps steps only (a diverged run stays non-finite, so it is still caught)."""
+        every = 1 if loss.device.type == "cpu" or self._trainer is None else self.trainer.log_every_n_steps
+        if self.global_step % max(1, every) == 0 and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at global step {self.global_step}, batch {batch_idx}"
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # fixed noise and timesteps per batch so val/loss is comparable across evaluations
