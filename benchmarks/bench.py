@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     facts = {"threads": args.threads, "cpu": _cpu_name(), "load_avg_start": os.getloadavg()}
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     for prec in precisions:
+        if prec == "bf16":  # the slow part last
+            rows += _digits(ctx, args, facts)
         batch = args.train_batch if prec == "fp32" else args.bf16_batch
         reps = args.repeats if prec == "fp32" else args.bf16_repeats
         steps = args.train_steps if prec == "fp32" else 1
@@ -211,7 +213,8 @@ def run(args: argparse.Namespace) -> dict:
                                  args.ddim_batch, res, per_call=args.ddim_batch))
         finally:
             ours.stop(), peer.stop()
-    rows += _digits(ctx, args, facts)
+    if args.no_bf16:
+        rows += _digits(ctx, args, facts)
     facts["matmul_peak_flops"] = {p: matmul_peak(p, args.threads, 2048 if p == "fp32" else 512) for p in precisions}
     _add_mfu(rows, facts)
     facts["load_avg_end"] = os.getloadavg()
@@ -244,9 +247,12 @@ def _digits(ctx, args: argparse.Namespace, facts: dict) -> list[dict]:
 
 
 def _row(pair: str, what: str, prec: str, batch: int, res: dict, *, per_call: int) -> dict:
-    return {"pair": pair, "what": what, "precision": prec, "batch": batch,
-            "ours": per_call / res["ours_s"], "peer": per_call / res["peer_s"], "ratio": res["ratio"],
-            "ratios": [round(r, 3) for r in res["ratios"]]}
+    row = {"pair": pair, "what": what, "precision": prec, "batch": batch,
+           "ours": per_call / res["ours_s"], "peer": per_call / res["peer_s"], "ratio": res["ratio"],
+           "ratios": [round(r, 3) for r in res["ratios"]]}
+    print(f"  {pair}: {what} {prec} batch {batch}: difflab {row['ours']:.3g}, peer {row['peer']:.3g}, "
+          f"ratios {row['ratios']}", file=sys.stderr, flush=True)
+    return row
 
 
 def _add_mfu(rows: list[dict], facts: dict) -> None:
