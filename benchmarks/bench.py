@@ -6,7 +6,7 @@ repetitions), so both see the same machine load; each ratio is taken within one 
 the table reports the median over repetitions. Sizes come from the options below or BENCH_* env
 variables (BENCH_REPEATS=5 make bench). Results: a Markdown table on stdout, JSON with --json.
 
-    python benchmarks/bench.py                       # the defaults (~6 min on a quiet 2-core CPU)
+    python benchmarks/bench.py                       # the defaults (~5 min on a quiet 2-core CPU, estimated)
     python benchmarks/bench.py --no-bf16 --repeats 5
 """
 
