@@ -6,7 +6,7 @@ STAMP := $(VENV)/.difflab-installed
 # the digits classifier whose features give make train's offline FID/IS (trained once, ~1 min)
 CLASSIFIER := $(or $(DIFFLAB_CACHE_DIR),.cache/difflab)/classifiers/digits_8px.ckpt
 
-.PHONY: train test sample bench clean-venv
+.PHONY: train test sample bench bench-quality bench-deps clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ test: $(STAMP)
 ## sample from a checkpoint: make sample CKPT=outputs/.../checkpoints/last.ckpt
 sample: $(STAMP)
 	$(BIN)/difflab-sample ckpt_path=$(CKPT) $(ARGS)
+
+## benchmarks against diffusers and denoising-diffusion-pytorch (sizes: BENCH_REPEATS=5, BENCH_THREADS=1, ...)
+bench: bench-deps
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+## FID after the same training budget, difflab vs denoising-diffusion-pytorch (BENCH_BUDGET=seconds)
+bench-quality: bench-deps
+	@test -f $(CLASSIFIER) || $(BIN)/difflab-train-classifier
+	$(BIN)/python benchmarks/quality_per_minute.py $(ARGS)
+
+# the optional peers of pyproject's `bench` extra, installed once (torch stays pinned)
+bench-deps: $(STAMP)
+	@$(BIN)/python -c "import diffusers, denoising_diffusion_pytorch" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet -e ".[bench]" torch==2.14.1 torchvision==0.29.1
 
 clean-venv:
 	rm -rf $(VENV)

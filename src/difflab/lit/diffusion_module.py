@@ -89,7 +89,8 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         self.ema_decay = ema_decay
-        self._net_fn = torch.compile(net) if compile else net
+        if compile:  # in place: state_dict keys stay net.*; the EMA copy (made above) samples eagerly
+            net.compile()
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
         self._resumed_rng: list[dict] | None = None  # per-rank RNG states of the checkpoint being resumed
 
@@ -138,7 +139,7 @@ class DiffusionModule(pl.LightningModule):
         )
         eps = offset_noise(randn_like(x0, generator), self.offset_noise, generator)
         cond = self._train_labels(labels, x0.shape[0], generator)
-        model_fn = self._net_fn if cond is None else (lambda x_t, t_: self._net_fn(x_t, t_, cond))
+        model_fn = self.net if cond is None else (lambda x_t, t_: self.net(x_t, t_, cond))
         return t, self.objective(model_fn, x0, t, eps, self.schedule), weights
 
     def loss(self, x0: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
@@ -149,12 +150,7 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         t, raw, weights = self._losses(batch[0], batch[1] if len(batch) > 1 else None, None)
         loss = (raw * weights).mean()
-        if not resume.all_ranks_true(bool(torch.isfinite(loss))):  # every rank stops at the same step
-            raise FloatingPointError(
-                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
-                f"(epoch {self.current_epoch}; loss {loss.item()} on rank {self.global_rank}): stopped "
-                "before the optimizer step, so weights, EMA and checkpoints already written are untouched"
-            )
+        self._check_finite(loss, batch_idx)
         if hasattr(self.timestep_sampler, "update"):  # importance sampling learns from every rank's losses
             gathered = (t, raw.detach()) if self.trainer.world_size == 1 else (
                 self.all_gather(t).flatten(), self.all_gather(raw.detach()).flatten())
@@ -162,13 +158,25 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def _check_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Raise on a non-finite loss, on every rank at the same step. Reading it is a host sync, free on
+        CPU; on accelerators it is done every log_every_n_steps steps only (a diverged run stays
+        non-finite, so it is still caught, at most that many steps late)."""
+        every = 1 if loss.device.type == "cpu" or self._trainer is None else max(1, self.trainer.log_every_n_steps)
+        if self.global_step % every == 0 and not resume.all_ranks_true(bool(torch.isfinite(loss))):
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
+                f"(epoch {self.current_epoch}; loss {loss.item()} on rank {self.global_rank}): stopped "
+                "before the optimizer step, so weights, EMA and checkpoints already written are untouched"
+            )
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # fixed noise and timesteps per batch so val/loss is comparable across evaluations
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         t = torch.randint(0, self.schedule.T, (batch[0].shape[0],), device=self.device, generator=generator)
         eps = randn_like(batch[0], generator)
         cond = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], generator)
-        model_fn = self._net_fn if cond is None else (lambda x_t, t_: self._net_fn(x_t, t_, cond))
+        model_fn = self.net if cond is None else (lambda x_t, t_: self.net(x_t, t_, cond))
         loss = self.objective(model_fn, batch[0], t, eps, self.schedule).mean()  # uniform t, unweighted
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss

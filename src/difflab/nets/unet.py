@@ -92,6 +92,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_heads: int = 1,
         num_classes: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = _positive_int("image_size", image_size)
@@ -121,6 +122,11 @@ class UNet(nn.Module):
         self._build_up(temb_ch, skip_channels)
         self.norm_out = group_norm(ch * self.ch_mult[0])
         self.conv_out = conv2d(ch * self.ch_mult[0], self.out_channels, kernel_size=3, scale=0.0)
+        # NHWC activations and weights: oneDNN's convolutions skip their NCHW reorders (faster on CPU,
+        # tensor cores on GPU); the math is unchanged (tests/test_nets.py)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _stage(self, in_ch: int, out_ch: int, temb_ch: int, resolution: int) -> ResAttn:
         return ResAttn(
@@ -187,6 +193,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         # x: (B, C_in, H, W), t: (B,) or scalar, cond: (B,) int labels in [0, num_classes] or None
         self._check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # (B, C_in, H, W) stored NHWC
         temb = self.time_embed(self._broadcast_t(t, x))  # (B, 4ch)
         if self.class_embed is not None:
             temb = temb + self.class_embed(self._labels(cond, x))  # (B, 4ch)

@@ -1,0 +1,80 @@
+"""Which performance means help: difflab's own network with a mean on and off, interleaved in one run.
+
+    python benchmarks/means.py --net cifar --batch 8 --repeats 5
+    python benchmarks/means.py --net digits --batch 64 --repeats 7
+
+Variants: channels_last (NHWC weights and activations) and the fused Adam(W) kernel, each
+against the plain baseline. Reported: median over repetitions of (baseline seconds / variant
+seconds) for a training step (forward + loss + backward + optimizer step) and a no-grad forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from difflab.nets import UNet
+
+NETS = {
+    "cifar": dict(image_size=32, in_channels=3),  # ddpm_cifar10: the constructor's defaults
+    "digits": dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(4,), dropout=0.0),
+}
+VARIANTS = {"baseline": (False, False), "fused": (False, True), "channels_last+fused": (True, True)}
+
+
+def build(net: str, channels_last: bool, fused: bool):
+    torch.manual_seed(0)
+    model = UNet(**NETS[net], channels_last=channels_last)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+
+def train_s(model, opt, x, t) -> float:
+    start = time.perf_counter()
+    model.train()
+    model(x, t).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def forward_s(model, x, t) -> float:
+    model.eval()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(x, t)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--net", choices=sorted(NETS), default="cifar")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    size, channels = NETS[args.net]["image_size"], NETS[args.net]["in_channels"]
+    x, t = torch.randn(args.batch, channels, size, size), torch.randint(0, 1000, (args.batch,))
+    systems = {name: build(args.net, *flags) for name, flags in VARIANTS.items()}
+    for model, opt in systems.values():  # warm-up (allocations, optimizer state)
+        train_s(model, opt, x, t), forward_s(model, x, t)
+    times = {name: {"train": [], "forward": []} for name in systems}
+    for r in range(args.repeats):
+        order = list(systems) if r % 2 == 0 else list(reversed(systems))
+        for name in order:
+            model, opt = systems[name]
+            times[name]["train"].append(train_s(model, opt, x, t))
+            times[name]["forward"].append(forward_s(model, x, t))
+    base = times["baseline"]
+    print(f"net={args.net} batch={args.batch} repeats={args.repeats} threads={args.threads}")
+    for name, got in times.items():
+        speed = {k: statistics.median(b / v for b, v in zip(base[k], got[k])) for k in got}
+        print(f"  {name:<20} train step {statistics.median(got['train']):.3f} s (x{speed['train']:.2f})   "
+              f"forward {statistics.median(got['forward']):.3f} s (x{speed['forward']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Performance means that must not change results, the benchmark plumbing, and streaming evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.callbacks.evaluation import evaluate_sampler
+from difflab.diffusion import linear_betas
+from difflab.lit import DiffusionModule
+from difflab.nets import UNet
+from difflab.samplers import DDIM
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench  # noqa: E402
+import systems  # noqa: E402
+
+
+def tiny_module(**kwargs) -> DiffusionModule:
+    net = UNet(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    return DiffusionModule(net=net, betas=linear_betas(50), optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                           **kwargs)
+
+
+def test_compile_flag_keeps_checkpoint_keys():
+    # torch.compile wraps the net in place (compiled lazily at the first call): no duplicate _orig_mod keys
+    assert tiny_module(compile=True).state_dict().keys() == tiny_module().state_dict().keys()
+
+
+def test_non_finite_loss_raises_on_cpu():
+    m = tiny_module()
+    m._check_finite(torch.tensor(1.0), batch_idx=0)
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan"):
+        m._check_finite(torch.tensor(float("nan")), batch_idx=3)
+
+
+class _FakeModel:
+    """Counts live sampled batches: evaluation must let go of each one before drawing the next."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+        self.max_alive = 0
+
+    def sample(self, sampler, seeds, *, use_ema=True):  # reference counting frees a dropped batch at once
+        self.max_alive = max(self.max_alive, 1 + sum(r() is not None for r in self.refs))
+        x = torch.zeros(len(seeds), 1, 4, 4)
+        self.refs.append(weakref.ref(x))
+        return x
+
+
+class _FakeMetrics:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def reset(self) -> None:
+        self.sizes.clear()
+
+    def update_fake(self, images: torch.Tensor) -> None:
+        assert images.dtype == torch.uint8
+        self.sizes.append(images.shape[0])
+
+    def compute(self) -> dict[str, float]:
+        return {"n": float(sum(self.sizes))}
+
+
+def test_evaluation_streams_one_batch_at_a_time():
+    model, metrics = _FakeModel(), _FakeMetrics()
+    out = evaluate_sampler(model, DDIM(steps=2), metrics, num_samples=10, batch_size=3, seed=0)
+    assert out == {"n": 10.0} and metrics.sizes == [3, 3, 3, 1]
+    assert model.max_alive == 1  # never more than the batch being drawn
+
+
+def test_bench_compare_takes_median_of_same_run_ratios():
+    class Fake:
+        def __init__(self, kind: str, times: list[float]) -> None:
+            self.kind, self.times, self.calls = kind, list(times), []
+
+        def ask(self, cmd: str, n: int = 1, size: int = 0) -> float:
+            self.calls.append(cmd)
+            return self.times.pop(0)
+
+    ours, peer = Fake("a", [9.0, 1.0, 2.0, 1.0]), Fake("b", [9.0, 2.0, 6.0, 1.0])
+    res = bench.compare(ours, peer, "train", repeats=3, n=1, size=1, warmup=1)
+    assert res["ratios"] == [2.0, 3.0, 1.0] and res["ratio"] == 2.0  # median of ratios, not ratio of medians
+    row = bench._row("p", "train img/s", "fp32", 4, res, per_call=4)
+    table = bench.format_table({"rows": [row], "facts": {"cpu": "x", "threads": 1, "load_avg_start": (0.0,),
+                                                          "load_avg_end": (0.0,)}})
+    assert "| p | train img/s | fp32 | 4 | 4 | 2 | 2.00x |" in table
+
+
+def test_difflab_bench_system_trains_and_samples():
+    torch.manual_seed(0)
+    s = systems.Difflab(overrides=["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1"], batch=4, ddim_steps=2)
+    before = [p.detach().clone() for p in s.net.parameters()]
+    s.train_step("fp32")
+    assert any(not torch.equal(a, p) for a, p in zip(before, s.net.parameters()))
+    s.forward(3, "fp32")
+    s.ddim(2, "fp32")
+    assert s.optimizer.defaults.get("fused") is True  # conf/optimizer/adamw.yaml
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="the bench extra is not installed")
+def test_diffusers_peer_is_the_ddpm_cifar10_architecture():
+    peer = systems.diffusers_unet()
+    assert sum(p.numel() for p in peer.parameters()) == systems.DDPM_CIFAR10_PARAMS == UNet().num_parameters
