@@ -19,9 +19,10 @@ train: $(STAMP)
 	@test -f $(CLASSIFIER) || $(BIN)/difflab-train-classifier
 	$(BIN)/difflab-train $(ARGS)
 
-## run the whole test suite on CPU
+## run the whole test suite on CPU, one worker per core (TEST_WORKERS=0 runs it in one process)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 ## sample from a checkpoint: make sample CKPT=outputs/.../checkpoints/last.ckpt
 sample: $(STAMP)

@@ -19,7 +19,7 @@ from difflab.cli.common import config_dir
 from difflab.cli.train_classifier import build_classifier_module, load_classifier, train_classifier, train_command
 from difflab.data import DigitsDataModule
 from difflab.lit.classifier import ClassifierModule, random_translate
-from difflab.nets.classifiers import ImageClassifier
+from difflab.nets.classifiers import ImageClassifier, NoisyImageClassifier
 
 CONF = Path(config_dir())
 CREATE = "difflab-train-classifier data=digits data.image_size=8"
@@ -152,10 +152,11 @@ def compose_cfg(tmp_path):
 def test_every_classifier_option_composes_and_instantiates(compose_cfg, option):
     cfg = compose_cfg([f"classifier={option}"])
     module = build_classifier_module(cfg)
-    assert isinstance(module, ClassifierModule) and isinstance(module.net, ImageClassifier)
+    assert isinstance(module, ClassifierModule) and isinstance(module.net, (ImageClassifier, NoisyImageClassifier))
     assert module.net.image_size == cfg.data.image_size and module.net.in_channels == cfg.data.channels
     x = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
-    assert module(x).shape == (2, module.net.num_classes)
+    args = (torch.tensor([0, 999]),) if isinstance(module.net, NoisyImageClassifier) else ()  # x_t and t
+    assert module(x, *args).shape == (2, module.net.num_classes)
 
 
 def test_default_config(compose_cfg, monkeypatch):

@@ -87,7 +87,8 @@ def test_sample_ddpm_into_run_directory(trained, tmp_path):
         ("sampler.steps=500", "steps=500 is not valid for a schedule of T=50"),
         ("sampler.eta=1.5", "eta=1.5 is outside [0, 1]"),
         ("sampler.spacing=cubic", "spacing='cubic' is not supported"),
-        ("sampler=ddpm sampler.variance=learned", "variance='learned' is not supported"),
+        ("sampler=ddpm sampler.variance=learned", "variance='learned' but this model has a fixed variance"),
+        ("sampler=ddpm sampler.variance=cubic", "variance='cubic' is not supported"),
         ("sampler=euler", "Could not find 'sampler/euler'"),
     ],
 )

@@ -43,11 +43,13 @@ def test_cfg_w0_is_unconditional_w1_conditional_and_w_guided():
 
 
 def _cond_module(num_classes=3):
+    torch.manual_seed(0)  # the net's own initialisation: the test does not depend on what ran before
     net = UNet(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                dropout=0.0, num_classes=num_classes)
     with torch.no_grad():  # as if trained: zero-initialised layers (conv_out, residual convs) become non-zero
         for p in net.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        net.class_embed.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))  # labels matter
     return DiffusionModule(net=net, betas=cosine_betas(20), optimizer=torch.optim.Adam)
 
 

@@ -154,7 +154,7 @@ def test_importance_state_survives_checkpoint(gen):
     a.timestep_sampler.update(torch.arange(20).repeat(2), torch.rand(40, generator=gen))
     ckpt: dict = {}
     a.on_save_checkpoint(ckpt)
-    ckpt = {"difflab": {k: v for k, v in ckpt["difflab"].items()}}
+    ckpt = {"difflab": dict(ckpt["difflab"]), "state_dict": a.state_dict()}  # what Lightning passes on load
     b = _tiny_module(VLBLoss(), ImportanceTimesteps(history_per_term=2))
     b.on_load_checkpoint(ckpt)
     assert b.timestep_sampler.warmed_up

@@ -36,9 +36,9 @@ def test_compile_flag_keeps_checkpoint_keys():
 
 def test_non_finite_loss_raises_on_cpu():
     m = tiny_module()
-    m._check_finite(torch.tensor(1.0), batch_idx=0)
-    with pytest.raises(FloatingPointError, match="non-finite training loss nan"):
-        m._check_finite(torch.tensor(float("nan")), batch_idx=3)
+    m.check_finite(torch.tensor(1.0), batch_idx=0)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at global step 0, batch 3 .*loss nan"):
+        m.check_finite(torch.tensor(float("nan")), batch_idx=3)
 
 
 class _FakeModel:

@@ -36,7 +36,14 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
 
 def build_module(cfg: DictConfig) -> DiffusionModule | ScoreModule:
     """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
-    if cfg.get("sde") is not None:  # score-based model: NCSN or a continuous-time SDE
+    score = str(cfg.module.get("_target_", "")).endswith("ScoreModule")
+    if (cfg.get("sde") is not None) != score:
+        raise ValueError(
+            f"sde={'set' if cfg.get('sde') is not None else 'null'} does not fit module={cfg.module.get('_target_')}: "
+            "a score model needs both module=score and sde=vp|subvp|ve|ncsn (e.g. experiment=digits_vpsde); "
+            "a DDPM needs module=diffusion and sde=null"
+        )
+    if score:  # score-based model: NCSN or a continuous-time SDE
         return instantiate(cfg.module, net=instantiate(cfg.model), sde=instantiate(cfg.sde),
                            optimizer=instantiate(cfg.optimizer), _convert_="all")
     objective = instantiate(cfg.objective)

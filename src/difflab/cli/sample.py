@@ -19,6 +19,7 @@ from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule, ScoreModule
 from difflab.lit.checkpoint_io import UnsafeCheckpointError, safe_load
 from difflab.lit.resume import check_state_dict_fits
+from difflab.samplers.ddpm import DDPM, resolve_variance
 from difflab.samplers.families import check_sampler_fits, default_sampler_name
 
 log = logging.getLogger("difflab")
@@ -104,7 +105,24 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
     return stem
-from difflab.samplers.families import check_sampler_fits, default_sampler_name
+def checkpoint_family(path: str | Path) -> str:
+    """The model family a checkpoint remembers ('ddpm' for checkpoints written before families existed)."""
+    return load_checkpoint(path)["difflab"].get("family", "ddpm")
+
+
+def choose_sampler(cfg: DictConfig, family: str):
+    """The sampler named on the command line, else the family's default (conf/sampler/<default>.yaml)."""
+    task = hydra.core.hydra_config.HydraConfig.get().overrides.task if hydra.core.hydra_config.HydraConfig.initialized() else []
+    named = any(o.split("=")[0].lstrip("+~") == "sampler" for o in task)
+    default = default_sampler_name(family)
+    if named or default == "ddim":
+        return hydra.utils.instantiate(cfg.sampler)
+    tweaks = [o for o in task if o.lstrip("+~").startswith("sampler.")]
+    if tweaks:
+        raise ValueError(f"{tweaks} set sampler options without naming a sampler; this {family!r} checkpoint "
+                         f"samples with sampler={default} by default: add sampler={default} (or another valid sampler)")
+    log.info("no sampler named: using sampler=%s, the default for a %s model", default, family)
+    return hydra.utils.instantiate(OmegaConf.load(Path(config_dir()) / "sampler" / f"{default}.yaml"))
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -116,6 +134,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     module = module_from_checkpoint(cfg.ckpt_path, device)
     check_sampler_fits(sampler, module.schedule)
     sampler.validate(module.schedule.T)
+    if isinstance(sampler, DDPM):  # a learned-variance setting on a fixed-variance model fails here, not mid-run
+        resolve_variance(sampler.variance, getattr(module, "model_variance", "fixed"))
     kwargs = guidance_kwargs(cfg, module, device)
     labels = kwargs.pop("labels")
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)

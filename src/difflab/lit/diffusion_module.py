@@ -2,57 +2,30 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from difflab.diffusion.hybrid import HybridLoss, VLBLoss
 from difflab.diffusion.likelihood import LogVariance
 from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps, offset_noise
 from difflab.diffusion.process import fixed_log_variance, randn_like
 from difflab.diffusion.schedules import NoiseSchedule
-from difflab.lit import resume
 from difflab.diffusion.timesteps import ImportanceTimesteps
 from difflab.diffusion.variance import LearnedVariance
-from difflab.samplers.base import Callback, Sampler
+from difflab.lit.base import EMADecay, OptimizerFactory, TrainingModule
+from difflab.samplers.base import Callback, ModelFn, Sampler
+from difflab.samplers.ddim import DDIM
+from difflab.samplers.ddpm import DDPM
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 Objective = SimpleLoss | HybridLoss | VLBLoss
 Labels = Sequence[int] | Tensor | None
+__all__ = ["DiffusionModule", "EMADecay", "OptimizerFactory"]
 
 
-class EMADecay:
-    """Multi-tensor EMA update for AveragedModel with decay min(decay, (1 + n) / (10 + n)) after n updates.
-
-    The warm-up is that of TensorFlow's ExponentialMovingAverage(num_updates); without it a short
-    run's EMA stays close to the random initialisation. A class (not a closure) so modules pickle
-    for ddp_spawn.
-    """
-
-    def __init__(self, decay: float, *, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay={decay} must be in [0, 1)")
-        self.decay, self.warmup = decay, warmup
-
-    @torch.no_grad()
-    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        decay = torch.as_tensor(self.decay, device=num_averaged.device)
-        if self.warmup:
-            n = num_averaged.to(torch.float64)
-            decay = torch.minimum(decay.to(torch.float64), (1 + n) / (10 + n))
-        if torch.is_floating_point(ema[0]):
-            torch._foreach_lerp_(ema, current, (1 - decay).to(ema[0].dtype))
-        else:  # integer buffers (e.g. counters) are copied, not averaged
-            torch._foreach_copy_(ema, current)
-
-
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(TrainingModule):
     """Orchestrates net + schedule + objective + EMA + optimizer; holds no formulas itself."""
 
     def __init__(
@@ -70,29 +43,18 @@ class DiffusionModule(pl.LightningModule):
         label_dropout: float = 0.1,
         offset_noise: float = 0.0,
     ) -> None:
-        super().__init__()
-        if lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0")
+        super().__init__(net=net, optimizer=optimizer, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
+                         ema_warmup=ema_warmup, compile=compile)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout={label_dropout!r} must be in [0, 1) (0.1 in Ho & Salimans 2022)")
         if not offset_noise >= 0.0:
             raise ValueError(f"offset_noise={offset_noise!r} must be >= 0 (0 = off, ~0.1 typical)")
         objective = objective or SimpleLoss()
         _check_output_channels(net, objective.variance)
-        self.net = net
-        self.ema = AveragedModel(net, multi_avg_fn=EMADecay(ema_decay, warmup=ema_warmup), use_buffers=True)
-        self.ema.requires_grad_(False)
         self._schedule = NoiseSchedule.from_betas(betas)
         self.objective = objective
         self.label_dropout, self.offset_noise = float(label_dropout), float(offset_noise)
         self.timestep_sampler = timestep_sampler or UniformTimesteps()
-        self.optimizer_factory = optimizer
-        self.lr_warmup_steps = lr_warmup_steps
-        self.ema_decay = ema_decay
-        if compile:  # in place: state_dict keys stay net.*; the EMA copy (made above) samples eagerly
-            net.compile()
-        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
-        self._resumed_rng: list[dict] | None = None  # per-rank RNG states of the checkpoint being resumed
 
     @property
     def parameterization(self) -> str:
@@ -150,25 +112,13 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         t, raw, weights = self._losses(batch[0], batch[1] if len(batch) > 1 else None, None)
         loss = (raw * weights).mean()
-        self._check_finite(loss, batch_idx)
+        self.check_finite(loss, batch_idx)
         if hasattr(self.timestep_sampler, "update"):  # importance sampling learns from every rank's losses
             gathered = (t, raw.detach()) if self.trainer.world_size == 1 else (
                 self.all_gather(t).flatten(), self.all_gather(raw.detach()).flatten())
             self.timestep_sampler.update(*gathered)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
-
-    def _check_finite(self, loss: Tensor, batch_idx: int) -> None:
-        """Raise on a non-finite loss, on every rank at the same step. Reading it is a host sync, free on
-        CPU; on accelerators it is done every log_every_n_steps steps only (a diverged run stays
-        non-finite, so it is still caught, at most that many steps late)."""
-        every = 1 if loss.device.type == "cpu" or self._trainer is None else max(1, self.trainer.log_every_n_steps)
-        if self.global_step % every == 0 and not resume.all_ranks_true(bool(torch.isfinite(loss))):
-            raise FloatingPointError(
-                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
-                f"(epoch {self.current_epoch}; loss {loss.item()} on rank {self.global_rank}): stopped "
-                "before the optimizer step, so weights, EMA and checkpoints already written are untouched"
-            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # fixed noise and timesteps per batch so val/loss is comparable across evaluations
@@ -181,52 +131,11 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # once per optimizer step (not per accumulated batch), and before callbacks' on_train_batch_end,
-        # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
-        self.ema.update_parameters(self.net)
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"parameterization": self.parameterization, "timestep_sampler": self.timestep_sampler.state_dict()}
 
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.net.parameters())
-        warmup = self.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer.world_size > 1:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-            resume.seed_rank(seed, self.global_rank, self.trainer.world_size)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["difflab"] = {
-            "config": self.run_config, "parameterization": self.parameterization,
-            "rng": resume.gather_rng_states(),  # one entry per rank (a collective: every rank saves)
-            "timestep_sampler": self.timestep_sampler.state_dict(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stored = checkpoint.get("difflab") or {}
-        resume.check_state_dict_fits(
-            self.state_dict(), checkpoint["state_dict"], source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
-            produced_by=(stored.get("config") or {}).get("model"),
-            expected_config=(self.run_config or {}).get("model"),
-        )
+    def load_checkpoint_state(self, stored: dict[str, Any]) -> None:
         self.timestep_sampler.load_state_dict(stored.get("timestep_sampler", {}))
-        self._resumed_rng = stored.get("rng")
-
-    def on_train_start(self) -> None:
-        # restored last, so nothing between loading and the first batch consumes the streams
-        states, self._resumed_rng = self._resumed_rng, None
-        if states and len(states) == self.trainer.world_size:
-            resume.set_rng_state(states[self.global_rank])
-        elif states:
-            rank_zero_warn(f"resuming on {self.trainer.world_size} processes a checkpoint written by "
-                           f"{len(states)}: RNG streams are re-seeded, so the resume is not bitwise exact")
-            resume.seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_step,
-                             self.global_rank, self.trainer.world_size)
 
     @torch.inference_mode()
     def sample(
@@ -251,18 +160,23 @@ class DiffusionModule(pl.LightningModule):
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
-        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        shape = (net.in_channels, net.image_size, net.image_size)
-        x_T = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
+        x_T, generators = self.initial_noise(net, seeds)
         y = self._sample_labels(labels, len(seeds), need=classifier is not None and classifier_scale > 0)
         model_fn = net
         if self.num_classes is not None and y is not None:
             model_fn = classifier_free_guidance(net, y, null_label=self.num_classes, guidance_scale=guidance_scale,
                                                 mean_channels=net.in_channels)
         extra: dict = {}
-        if self.model_variance != "fixed":
+        ancestral = isinstance(sampler, (DDPM, DDIM))  # the samplers that take Sigma_theta and cond_fn
+        if self.model_variance != "fixed" and ancestral:
             extra["model_variance"] = self.model_variance
+        elif self.model_variance != "fixed":  # ODE/SDE solvers need only the mean (eps) channels
+            model_fn = _mean_channels(model_fn, net.in_channels)
         if classifier is not None and classifier_scale > 0:
+            if not ancestral:
+                raise ValueError(f"classifier guidance (classifier_scale={classifier_scale}) is implemented for the "
+                                 f"ddpm and ddim samplers, not {sampler.name!r}; use classifier-free guidance "
+                                 "(guidance_scale) with this sampler, or sampler=ddpm|ddim")
             extra["cond_fn"] = classifier_grad(classifier, y, scale=classifier_scale)
         try:
             return sampler(
@@ -291,6 +205,11 @@ class DiffusionModule(pl.LightningModule):
         if bad.numel():
             raise ValueError(f"label {bad[0].item()} is outside 0..{(k or 1) - 1} (num_classes={k})")
         return y
+
+
+def _mean_channels(model_fn: ModelFn, channels: int) -> ModelFn:
+    """The eps/x0/v half of a learned-variance net's (B, 2C, H, W) output, for samplers without Sigma_theta."""
+    return lambda x_t, t, *args: model_fn(x_t, t, *args)[:, :channels]
 
 
 def _check_output_channels(net: nn.Module, variance: str) -> None:

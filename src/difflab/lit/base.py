@@ -1,0 +1,156 @@
+"""What every difflab LightningModule shares: net + EMA + optimizer, exact resume, fail-fast checks.
+
+DiffusionModule (discrete DDPM) and ScoreModule (NCSN, score SDEs) differ only in their objective,
+their noise family and how they sample; EMA, the optimizer and LR warm-up, per-rank RNG streams,
+the non-finite-loss stop and the checkpoint's `difflab` section live here once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from difflab.lit import resume
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class EMADecay:
+    """Multi-tensor EMA update for AveragedModel with decay min(decay, (1 + n) / (10 + n)) after n updates.
+
+    The warm-up is that of TensorFlow's ExponentialMovingAverage(num_updates); without it a short
+    run's EMA stays close to the random initialisation. A class (not a closure) so modules pickle
+    for ddp_spawn.
+    """
+
+    def __init__(self, decay: float, *, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay={decay} must be in [0, 1)")
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        decay = torch.as_tensor(self.decay, device=num_averaged.device)
+        if self.warmup:
+            n = num_averaged.to(torch.float64)
+            decay = torch.minimum(decay.to(torch.float64), (1 + n) / (10 + n))
+        if torch.is_floating_point(ema[0]):
+            torch._foreach_lerp_(ema, current, (1 - decay).to(ema[0].dtype))
+        else:  # integer buffers (e.g. counters) are copied, not averaged
+            torch._foreach_copy_(ema, current)
+
+
+class TrainingModule(pl.LightningModule):
+    """Net, its EMA copy, optimizer + linear LR warm-up, exact resume; subclasses add objective and sampling."""
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        lr_warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps} must be >= 0")
+        self.net = net
+        self.ema = AveragedModel(net, multi_avg_fn=EMADecay(ema_decay, warmup=ema_warmup), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.optimizer_factory = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.ema_decay = ema_decay
+        if compile:  # in place: state_dict keys stay net.*; the EMA copy (made above) samples eagerly
+            net.compile()
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
+        self._resumed_rng: list[dict] | None = None  # per-rank RNG states of the checkpoint being resumed
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def check_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Raise on a non-finite loss, on every rank at the same step. Reading it is a host sync, free on
+        CPU; on accelerators it is done every log_every_n_steps steps only (a diverged run stays
+        non-finite, so it is still caught, at most that many steps late)."""
+        every = 1 if loss.device.type == "cpu" or self._trainer is None else max(1, self.trainer.log_every_n_steps)
+        if self.global_step % every == 0 and not resume.all_ranks_true(bool(torch.isfinite(loss))):
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step}, batch {batch_idx} "
+                f"(epoch {self.current_epoch}; loss {loss.item()} on rank {self.global_rank}): stopped "
+                "before the optimizer step, so weights, EMA and checkpoints already written are untouched"
+            )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # once per optimizer step (not per accumulated batch), and before callbacks' on_train_batch_end,
+        # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        warmup = self.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            resume.seed_rank(seed, self.global_rank, self.trainer.world_size)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a subclass stores in checkpoint["difflab"] besides config and RNG states."""
+        return {"parameterization": self.parameterization}
+
+    def load_checkpoint_state(self, stored: dict[str, Any]) -> None:
+        """Restore what checkpoint_state() stored (called after the architecture check)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["difflab"] = {
+            "config": self.run_config,
+            "rng": resume.gather_rng_states(),  # one entry per rank (a collective: every rank saves)
+            **self.checkpoint_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("difflab") or {}
+        resume.check_state_dict_fits(
+            self.state_dict(), checkpoint["state_dict"], source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
+            produced_by=(stored.get("config") or {}).get("model"),
+            expected_config=(self.run_config or {}).get("model"),
+        )
+        self.load_checkpoint_state(stored)
+        self._resumed_rng = stored.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored last, so nothing between loading and the first batch consumes the streams
+        states, self._resumed_rng = self._resumed_rng, None
+        if states and len(states) == self.trainer.world_size:
+            resume.set_rng_state(states[self.global_rank])
+        elif states:
+            rank_zero_warn(f"resuming on {self.trainer.world_size} processes a checkpoint written by "
+                           f"{len(states)}: RNG streams are re-seeded, so the resume is not bitwise exact")
+            resume.seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_step,
+                             self.global_rank, self.trainer.world_size)
+
+    # -- sampling -------------------------------------------------------------------------------------
+
+    def initial_noise(self, net: nn.Module, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:
+        """x_T ~ N(0, I) (len(seeds), C, H, W) and one generator per sample, sample i seeded by seeds[i]."""
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        shape = (net.in_channels, net.image_size, net.image_size)
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators]), generators
+
+    @property
+    def parameterization(self) -> str:
+        raise NotImplementedError
