@@ -107,19 +107,43 @@ def test_multirun_with_relaunching_ddp_is_refused_before_work(tmp_path):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            for mode, strategy in (("MULTIRUN", "ddp_cpu"), ("RUN", "ddp_cpu"), ("MULTIRUN", "cpu")):
+            for mode, strategy, start in (("MULTIRUN", "ddp_cpu", "popen"), ("RUN", "ddp_cpu", "popen"),
+                                          ("MULTIRUN", "cpu", None), ("MULTIRUN", "ddp_cpu", "spawn")):
+                extra = [f"trainer.strategy.start_method={start}"] if start else []
                 cfg = compose("train", overrides=[f"hydra.mode={mode}", f"paths.output_dir={tmp_path}", f"trainer={strategy}",
-                                                  "logger=csv", "callbacks.evaluation=null"], return_hydra_config=True)
+                                                  "logger=csv", "callbacks.evaluation=null", *extra], return_hydra_config=True)
                 HydraConfig().set_config(cfg)
                 trainer = build_trainer(cfg)
-                if (mode, strategy) != ("MULTIRUN", "ddp_cpu"):
+                if (mode, strategy, start) != ("MULTIRUN", "ddp_cpu", "popen"):
                     refuse_relaunch_in_multirun(trainer)  # single runs and single-process sweeps are fine
                     continue
                 with pytest.raises(ValueError, match=r"Hydra multirun \(-m\) with trainer.strategy=DDPStrategy on 2 devices"
-                                                     r".*hydra/launcher=submitit_slurm"):
+                                                     r".*start_method=spawn.*hydra/launcher=submitit_slurm"):
                     refuse_relaunch_in_multirun(trainer)
     finally:
         GlobalHydra.instance().clear()
+
+
+def test_multirun_with_ddp_spawn_runs_each_job_once_in_its_own_directory(tmp_path):
+    """-m over 2 schedules x 2 spawned ranks: 2 job directories, each trained once to the same step."""
+    sweep = tmp_path / "sweep"
+    cli("difflab.cli.train", "-m", "trainer=ddp_cpu", "trainer.strategy.start_method=spawn", "logger=csv",
+        "data.batch_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+        "schedule.T=50", "schedule=linear,cosine", "trainer.max_steps=3", "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+        "callbacks.sample_grid.num_samples=3", "callbacks.sample_grid.samplers.ddim.steps=3",
+        "callbacks.sample_grid.samplers.ddpm=null", "callbacks.evaluation=null", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, timeout=400)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]  # no rank re-ran the sweep: no extra job directories
+    schedules = set()
+    for job in jobs:
+        status = json.loads((job / "status.json").read_text())
+        assert status["status"] == "finished" and status["global_step"] == 3, status
+        assert load(job / "checkpoints" / "last.ckpt")["global_step"] == 3
+        schedules.add(load(job / "checkpoints" / "last.ckpt")["difflab"]["config"]["schedule"]["_target_"])
+        assert [p.name for p in (job / "samples").glob("*.png")] == ["ddim_step0000003.png"]
+    assert len(schedules) == 2  # each job trained its own configuration
 
 
 def compose_train(overrides: list[str]):

@@ -10,8 +10,8 @@ import torch
 from difflab.diffusion.hybrid import HybridLoss, VLBLoss
 from difflab.diffusion.likelihood import bits_per_dim, vlb_terms_bpd
 from difflab.diffusion.objectives import UniformTimesteps
-from difflab.diffusion.process import fixed_log_variance, posterior_mean, q_sample
-from difflab.diffusion.schedules import NoiseSchedule, cosine_betas, extract
+from difflab.diffusion.process import fixed_log_variance, q_sample
+from difflab.diffusion.schedules import NoiseSchedule, cosine_betas
 from difflab.diffusion.timesteps import ImportanceTimesteps
 from difflab.diffusion.variance import LearnedVariance, learned_log_variance, respace
 from difflab.lit import DiffusionModule

@@ -38,10 +38,24 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     finally:  # also when a job of a sweep fails: the next job must start its own W&B run
         _finish_wandb(trainer)
         if status is not None:
-            status["global_step"] = trainer.global_step
+            status["global_step"] = final_step(trainer, Path(cfg.paths.output_dir))
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def final_step(trainer: pl.Trainer, run_dir: Path) -> int:
+    """The global step training ended at. Under ddp_spawn (start_method=spawn) the parent process gets
+    back only weights and callback_metrics, so the step is read from the run's last checkpoint."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.global_step or not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher) \
+            or not last.is_file():
+        return trainer.global_step
+    from difflab.lit.checkpoint_io import safe_load
+
+    return int(safe_load(last).get("global_step", 0))
 
 
 def refuse_relaunch_in_multirun(trainer: pl.Trainer) -> None:
@@ -59,8 +73,9 @@ def refuse_relaunch_in_multirun(trainer: pl.Trainer) -> None:
             f"Hydra multirun (-m) with trainer.strategy={type(trainer.strategy).__name__} on "
             f"{trainer.num_devices} devices is not supported: Lightning starts ranks >= 1 by re-running the "
             "command line, which re-runs the whole sweep in every rank. Use a launcher that starts one "
-            "process per device itself: hydra/launcher=submitit_slurm (tasks_per_node = trainer.devices), "
-            "or run each configuration as its own single run (torchrun / difflab-train trainer=ddp ...)"
+            "process per device itself: trainer.strategy.start_method=spawn (ddp_spawn, on one machine), "
+            "hydra/launcher=submitit_slurm (tasks_per_node = trainer.devices), or run each configuration as "
+            "its own single run (torchrun / difflab-train trainer=ddp ...)"
         )
 
 

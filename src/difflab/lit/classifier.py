@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
+from difflab.lit.base import OptimizerFactory
+
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES = ("constant", "cosine")
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from difflab.diffusion.denoiser import Denoiser, Prediction
+from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
-from difflab.diffusion.schedules import NoiseSchedule
-from difflab.diffusion.sde import VESDE, NoiseFamily, as_family
-from difflab.samplers.base import Callback, Generator, ModelFn
+from difflab.diffusion.sde import VESDE, NoiseFamily
+from difflab.samplers.base import Callback, Generator
+from difflab.samplers.solvers import DenoiserSampler
 
 
 def annealed_langevin_sample(
@@ -50,7 +50,7 @@ def default_levels(family: NoiseFamily, levels: int | None) -> Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ALD:
+class ALD(DenoiserSampler):
     """Config object for annealed Langevin dynamics; NFE = L T (+1 with the final denoising step)."""
 
     levels: int | None = None  # None: the model's NCSN levels (or 10 geometric levels for other models)
@@ -80,18 +80,7 @@ class ALD:
     def validate(self, T: int) -> None:
         """Settings were checked at construction."""
 
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        schedule: NoiseSchedule | NoiseFamily,
-        *,
-        parameterization: Prediction = "eps",
-        generator: Generator = None,
-        callback: Callback = None,
-    ) -> Tensor:
-        family = as_family(schedule)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         sigmas = default_levels(family, self.levels)
         self._last_levels.append(len(sigmas))
         return annealed_langevin_sample(denoiser, x_T * float(sigmas[0]), sigmas, n_steps_each=self.n_steps_each,

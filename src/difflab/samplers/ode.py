@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from difflab.diffusion.denoiser import Denoiser, Prediction
+from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.ode import OdeMethod, check_tolerances, integrate, pf_ode_velocity
-from difflab.diffusion.schedules import NoiseSchedule
-from difflab.diffusion.sde import NoiseFamily, as_family
-from difflab.samplers.base import Callback, Generator, ModelFn
-from difflab.samplers.solvers import start_noise
+from difflab.diffusion.sde import NoiseFamily
+from difflab.samplers.base import Callback, Generator
+from difflab.samplers.solvers import DenoiserSampler, start_noise
 
 
 def pf_ode_sample(
@@ -37,7 +36,7 @@ def pf_ode_sample(
 
 
 @dataclass(kw_only=True)
-class PFODE:
+class PFODE(DenoiserSampler):
     """Config object: adaptive PF-ODE sampling (scipy RK45 by default, tolerances rtol/atol).
 
     `nfe()` is the mean NFE per batch of the calls so far (adaptive: known only after sampling). The
@@ -67,18 +66,7 @@ class PFODE:
     def validate(self, T: int) -> None:
         """Any model with a denoiser is valid."""
 
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        schedule: NoiseSchedule | NoiseFamily,
-        *,
-        parameterization: Prediction = "eps",
-        generator: Generator = None,
-        callback: Callback = None,
-    ) -> Tensor:
-        family = as_family(schedule)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         x, nfe = pf_ode_sample(denoiser, start_noise(x_T, family), sigma_max=family.sigma_hat_max,
                                sigma_min=family.sigma_hat_min, rtol=self.rtol, atol=self.atol,
                                method=self.method, denoise=self.denoise, callback=callback)

@@ -13,11 +13,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from difflab.diffusion.denoiser import Denoiser, Prediction
+from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
-from difflab.diffusion.schedules import NoiseSchedule
-from difflab.diffusion.sde import NoiseFamily, VESDE, VPSDE, SubVPSDE, _bcast, _VPMean, as_family, generic_discretize
-from difflab.samplers.base import Callback, Generator, ModelFn
+from difflab.diffusion.sde import NoiseFamily, VESDE, VPSDE, SubVPSDE, _bcast, _VPMean, generic_discretize
+from difflab.samplers.base import Callback, Generator
+from difflab.samplers.solvers import DenoiserSampler
 
 Predictor = Literal["reverse_diffusion", "euler_maruyama", "ancestral", "none"]
 Corrector = Literal["langevin", "none"]
@@ -96,7 +96,7 @@ def check_pc_family(family: NoiseFamily, predictor: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PC:
+class PC(DenoiserSampler):
     """Config object for `pc_sample`: N steps, predictor, corrector, snr r, corrector steps M; NFE = N (1 + M)."""
 
     steps: int = 1000
@@ -136,19 +136,8 @@ class PC:
     def check_family(self, family: NoiseFamily) -> None:
         check_pc_family(family, self.predictor)
 
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        schedule: NoiseSchedule | NoiseFamily,
-        *,
-        parameterization: Prediction = "eps",
-        generator: Generator = None,
-        callback: Callback = None,
-    ) -> Tensor:
-        family = as_family(schedule)
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         check_pc_family(family, self.predictor)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
         return pc_sample(denoiser, x_T * family.prior_std, steps=self.steps, predictor=self.predictor,
                          corrector=self.corrector, snr=self.snr, corrector_steps=self.corrector_steps,
                          snr_norm=self.snr_norm, denoise=self.denoise, generator=generator, callback=callback)

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import get_args
 
-import torch
 from torch import Tensor
 
 from difflab.diffusion.denoiser import Denoiser, Prediction
@@ -84,8 +83,36 @@ def start_noise(x_T: Tensor, family: NoiseFamily) -> Tensor:
     return x_T * family.x_hat_prior_std
 
 
+class DenoiserSampler:
+    """Base of the samplers that work through the one denoiser adapter: any family, any prediction.
+
+    __call__ has the signature of every sampler (model_fn, x_T, schedule); subclasses implement run()
+    on the Denoiser it builds, with x_T ~ N(0, I) unscaled.
+    """
+
+    clip_x0 = False
+
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
+        """Images from standard normal x_T under `family`, sampled through `denoiser`."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        x_T: Tensor,
+        schedule: NoiseSchedule | NoiseFamily,
+        *,
+        parameterization: Prediction = "eps",
+        generator: Generator = None,
+        callback: Callback = None,
+    ) -> Tensor:
+        family = as_family(schedule)
+        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
+        return self.run(denoiser, family, x_T, generator, callback)
+
+
 @dataclass(frozen=True, kw_only=True)
-class _SigmaSampler:
+class _SigmaSampler(DenoiserSampler):
     """Shared config: steps, the sigma spacing and clipping of D to [-1, 1]."""
 
     steps: int = 20
@@ -110,18 +137,7 @@ class _SigmaSampler:
     def _run(self, denoiser: Denoiser, x: Tensor, sigmas: Tensor, generator: Generator, callback: Callback) -> Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        schedule: NoiseSchedule | NoiseFamily,
-        *,
-        parameterization: Prediction = "eps",
-        generator: Generator = None,
-        callback: Callback = None,
-    ) -> Tensor:
-        family = as_family(schedule)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         return self._run(denoiser, start_noise(x_T, family), self.sigmas(family), generator, callback)
 
 
