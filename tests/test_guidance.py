@@ -14,7 +14,10 @@ from difflab.diffusion.schedules import NoiseSchedule, cosine_betas, extract
 from difflab.lit import DiffusionModule
 from difflab.nets import UNet
 from difflab.nets.classifiers import NoisyImageClassifier
-from difflab.samplers import DDIM, DDPM, classifier_free_guidance, classifier_grad, dynamic_threshold
+from difflab.diffusion.sde import VPSDE
+from difflab.samplers import (
+    ALD, DDIM, DDPM, PC, PFODE, DPMSolverPP, Heun, classifier_free_guidance, classifier_grad, dynamic_threshold,
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +212,31 @@ def test_guidance_sweep_labels_nfe_and_fid_vs_is_plot(tmp_path):
     with pytest.raises(ValueError, match="model is unconditional"):
         evaluate_samplers(model, {"ddim": DDIM(steps=5)}, CountingMetrics(), T=20, num_samples=4, batch_size=2,
                           seed=0, guidance_scales=[3.0], num_classes=None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **k: DPMSolverPP(steps=4, **k), lambda **k: Heun(steps=3, **k), lambda **k: PFODE(rtol=1e-2, atol=1e-2, **k),
+    lambda **k: PC(steps=25, corrector="none", **k), lambda **k: ALD(levels=3, n_steps_each=1, **k),
+], ids=["dpmpp", "heun", "ode", "pc", "ald"])
+def test_dynamic_thresholding_reaches_every_sampler_built_on_the_denoiser(sched, make):
+    """The adapter thresholds every x0 it forms: samplers ending on a denoised x0 stay in [-1, 1], PC is tamed."""
+    wild = lambda x, t: 40.0 * torch.sin(7.0 * x) + 30.0  # noqa: E731 - a net far outside the data range
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    family = VPSDE() if isinstance(make(), PC) else sched  # PC needs a continuous-time SDE
+    free = make(clip_x0=False)(wild, x_T, family, generator=_gens(3))
+    thresholded = make(clip_x0=False, dynamic_percentile=0.9)(wild, x_T, family, generator=_gens(3))
+    assert not bool((free.abs() <= 1.0 + 1e-5).all())  # unthresholded: out of range (or diverged)
+    if isinstance(make(), PC):  # PC ends on the predictor's noise-free mean, not on x0 itself
+        assert torch.isfinite(thresholded).all() and thresholded.abs().max() < free.abs().max() / 5
+    else:
+        assert bool((thresholded.abs() <= 1.0 + 1e-5).all())
+    with pytest.raises(ValueError, match="dynamic_percentile=0"):
+        make(dynamic_percentile=0)
+
+
+def test_reverse_diffusion_on_vp_with_too_few_steps_is_refused():
+    """beta_max / N >= 1 would make sqrt(1 - beta_i) NaN in the DDPM discretisation (Song et al. 2021, App. E)."""
+    with pytest.raises(ValueError, match="steps=4 is too few for predictor='reverse_diffusion' on the vp SDE"):
+        PC(steps=4).check_family(VPSDE())
+    PC(steps=4, predictor="euler_maruyama").check_family(VPSDE())  # no such limit
+    PC(steps=21).check_family(VPSDE())

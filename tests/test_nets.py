@@ -189,3 +189,22 @@ def test_eval_is_deterministic_and_train_uses_dropout():
     assert torch.equal(net(x, t), net(x, t))
     net.train()
     assert not torch.equal(net(x, t), net(x, t))
+
+
+def test_scale_shift_norm_block_matches_its_formula():
+    """norm(h) * (1 + scale) + shift with (scale, shift) = chunk(Linear(SiLU(temb))) (improved-diffusion's ResBlock)."""
+    from difflab.nets.blocks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(in_channels=8, out_channels=16, temb_channels=12, scale_shift_norm=True).eval()
+    nn.init.normal_(block.conv2.weight)  # zero-initialised: give the output path a non-trivial map
+    assert block.temb_proj.out_features == 32
+    x, temb = torch.randn(2, 8, 4, 4), torch.randn(2, 12)
+    h = block.conv1(nn.functional.silu(block.norm1(x)))
+    scale, shift = block.temb_proj(nn.functional.silu(temb))[:, :, None, None].chunk(2, dim=1)
+    ref = block.skip(x) + block.conv2(nn.functional.silu(block.norm2(h) * (1 + scale) + shift))
+    torch.testing.assert_close(block(x, temb), ref)
+    net = tiny_unet(scale_shift_norm=True).train()  # every parameter, the FiLM projections included, learns
+    net(torch.randn(3, 1, 8, 8), torch.rand(3) * 1000).square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

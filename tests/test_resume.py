@@ -140,6 +140,36 @@ def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed,
     assert not marker.exists()
 
 
+def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and_resumed, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from difflab.cli.build import build_module, build_trainer
+    from difflab.cli.common import config_dir
+    from difflab.cli.sample import load_checkpoint
+
+    data = (straight_and_resumed["straight"] / "checkpoints" / "last.ckpt").read_bytes()
+    cut = tmp_path / "checkpoints" / "last.ckpt"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) // 2])  # as a kill during a non-atomic copy would leave it
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[*BASE, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}",
+                                              f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+            HydraConfig().set_config(cfg)
+            trainer = build_trainer(cfg)
+            with pytest.raises(ValueError, match=rf"checkpoint .*last.ckpt' \({len(data) // 2} bytes\) is truncated"):
+                trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data), ckpt_path=str(cut))
+    finally:
+        GlobalHydra.instance().clear()
+    assert trainer.global_step == 0 and cut.read_bytes() == data[: len(data) // 2]  # not overwritten
+    with pytest.raises(ValueError, match="is truncated or not a torch checkpoint"):
+        load_checkpoint(cut)  # difflab-sample / difflab-eval
+
+
 class _Exploit:
     def __init__(self, path: str) -> None:
         self.path = path

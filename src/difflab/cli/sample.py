@@ -17,7 +17,7 @@ from difflab.cli.build import build_module
 from difflab.cli.common import config_dir, flush_denormals
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule, ScoreModule
-from difflab.lit.checkpoint_io import UnsafeCheckpointError, safe_load
+from difflab.lit.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, safe_load
 from difflab.lit.resume import check_state_dict_fits
 from difflab.samplers.ddpm import DDPM, resolve_variance
 from difflab.samplers.families import check_sampler_fits, default_sampler_name
@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist or is not a file")
     try:
         ckpt = safe_load(path, map_location="cpu")
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, CorruptCheckpointError):
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
         raise ValueError(f"ckpt_path={str(path)!r} is not a readable difflab checkpoint: {err}") from err

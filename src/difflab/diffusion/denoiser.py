@@ -17,13 +17,15 @@ from torch import Tensor
 
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily, _bcast, as_family, x0_from_output
+from difflab.diffusion.thresholding import check_dynamic_percentile, threshold_x0
 
 Prediction = Literal["eps", "x0", "v", "score", "denoiser"]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Denoiser:
-    """D(x_hat; sigma_hat), score and x0 of a model_fn under a noise family (discrete or continuous)."""
+    """D(x_hat; sigma_hat), score and x0 of a model_fn under a noise family (discrete or continuous);
+    x0 optionally clipped to [-1, 1] or dynamically thresholded (Imagen), for every sampler built on it."""
 
     def __init__(
         self,
@@ -32,7 +34,9 @@ class Denoiser:
         prediction: Prediction = "eps",
         *,
         clip_x0: bool = False,
+        dynamic_percentile: float | None = None,
     ) -> None:
+        check_dynamic_percentile(dynamic_percentile)
         if prediction not in get_args(Prediction):
             raise ValueError(f"prediction={prediction!r} is not supported; choose one of {get_args(Prediction)}")
         self.family = as_family(family)
@@ -42,6 +46,7 @@ class Denoiser:
                 f"{self.family.name!r} is not one; use eps, x0 or score"
             )
         self.model_fn, self.prediction, self.clip_x0 = model_fn, prediction, clip_x0
+        self.dynamic_percentile = dynamic_percentile
         self.nfe = 0  # network evaluations so far
 
     def x0_at_t(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -54,7 +59,7 @@ class Denoiser:
         else:
             out = self.model_fn(x_t, self.family.c_noise(t).to(x_t.dtype)).to(x_t.dtype)
             x0 = x0_from_output(out, x_t, alpha, sigma, self.prediction)
-        return x0.clamp(-1.0, 1.0) if self.clip_x0 else x0
+        return threshold_x0(x0, clip_x0=self.clip_x0, dynamic_percentile=self.dynamic_percentile)
 
     def __call__(self, x_hat: Tensor, sigma_hat: Tensor | float) -> Tensor:
         """D(x_hat; sigma_hat): x_t = alpha(t(sigma_hat)) x_hat, then x0 from the network (Karras et al. 2022, Eq. 7)."""

@@ -21,11 +21,23 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint holds pickled Python objects that loading would have to execute."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is truncated or not a torch checkpoint at all."""
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load(weights_only=True): tensors and plain containers only, never pickled code."""
+    """torch.load(weights_only=True): tensors and plain containers only, never pickled code;
+    a truncated or foreign file is refused by name (CorruptCheckpointError) and left as it is."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError) as err:  # zip reader: "failed finding central directory", short reads
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} ({size} bytes) is truncated or not a torch checkpoint: "
+            f"{str(err).splitlines()[0]}. difflab writes checkpoints atomically, so a file cut short comes "
+            "from elsewhere (a copy or download); use another checkpoint, e.g. a best-*.ckpt of the same run"
+        ) from err
     except pickle.UnpicklingError as err:
         reason = str(err).split("\n\n")[-1].strip().splitlines()
         raise UnsafeCheckpointError(

@@ -55,15 +55,22 @@ def linear(in_features: int, out_features: int, *, scale: float = 1.0) -> nn.Lin
 
 
 class ResBlock(nn.Module):
-    """Residual block with a time-embedding bias (Ho et al. 2020, App. B; `resnet_block` of the TF code)."""
+    """Residual block conditioned on the time embedding (Ho et al. 2020, App. B; `resnet_block` of the TF code).
+
+    scale_shift_norm=False adds a projected embedding as a bias (DDPM); True modulates the second
+    GroupNorm as norm(h) * (1 + scale) + shift (Nichol & Dhariwal 2021, improved-diffusion's
+    use_scale_shift_norm; FiLM-style, as in BigGAN).
+    """
 
     def __init__(
-        self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0
+        self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+        scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
+        self.scale_shift_norm = bool(scale_shift_norm)
         self.norm1 = group_norm(in_channels)
         self.conv1 = conv2d(in_channels, out_channels, kernel_size=3)
-        self.temb_proj = linear(temb_channels, out_channels)
+        self.temb_proj = linear(temb_channels, 2 * out_channels if self.scale_shift_norm else out_channels)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv2d(out_channels, out_channels, kernel_size=3, scale=0.0)
@@ -73,8 +80,13 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         # x: (B, C_in, H, W), temb: (B, T)
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # broadcast (B, C_out, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, H, W)
+        emb = self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        if self.scale_shift_norm:
+            scale, shift = emb.chunk(2, dim=1)  # each (B, C_out, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))  # (B, C_out, H, W)
         return self.skip(x) + h
 
 

@@ -31,10 +31,12 @@ class ResAttn(nn.Module):
         dropout: float,
         attn: bool,
         num_heads: int,
+        scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
         self.res = ResBlock(
-            in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, dropout=dropout
+            in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels, dropout=dropout,
+            scale_shift_norm=scale_shift_norm,
         )
         self.attn = AttnBlock(channels=out_channels, num_heads=num_heads) if attn else nn.Identity()
 
@@ -93,8 +95,10 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_classes: int | None = None,
         channels_last: bool = False,
+        scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
+        self.scale_shift_norm = bool(scale_shift_norm)  # iDDPM's FiLM time conditioning in every ResBlock
         self.image_size = _positive_int("image_size", image_size)
         self.in_channels = _positive_int("in_channels", in_channels)
         out_channels = in_channels if out_channels is None else out_channels
@@ -136,6 +140,7 @@ class UNet(nn.Module):
             dropout=self.dropout,
             attn=resolution in self.attn_resolutions,
             num_heads=self.num_heads,
+            scale_shift_norm=self.scale_shift_norm,
         )
 
     def _build_down(self, temb_ch: int) -> list[int]:
@@ -161,11 +166,13 @@ class UNet(nn.Module):
         """Create the ResBlock-Attn-ResBlock middle at the lowest resolution (always attends)."""
         mid_ch = self.ch * self.ch_mult[-1]
         self.mid_block1 = ResBlock(
-            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout
+            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout,
+            scale_shift_norm=self.scale_shift_norm,
         )
         self.mid_attn = AttnBlock(channels=mid_ch, num_heads=self.num_heads)
         self.mid_block2 = ResBlock(
-            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout
+            in_channels=mid_ch, out_channels=mid_ch, temb_channels=temb_ch, dropout=self.dropout,
+            scale_shift_norm=self.scale_shift_norm,
         )
 
     def _build_up(self, temb_ch: int, skip_channels: list[int]) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from difflab.diffusion.process import Parameterization, eps_from_x0, x0_eps_from_output
 from difflab.diffusion.schedules import NoiseSchedule, extract
+from difflab.diffusion.thresholding import check_dynamic_percentile, dynamic_threshold, threshold_x0  # noqa: F401 (re-exported)
 from difflab.diffusion.variance import split_variance_output
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -52,21 +53,6 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
-def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
-    """s = max(1, quantile_p |x0|) per sample, x0 -> clamp(x0, -s, s) / s (Saharia et al. 2022, Imagen, Sec. 2.3)."""
-    if not 0.0 < percentile <= 1.0:
-        raise ValueError(f"dynamic_percentile={percentile!r} must be in (0, 1]; Imagen uses 0.995")
-    s = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0)  # (B,)
-    s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
-    return x0.clamp(-s, s) / s
-
-
-def check_dynamic_percentile(percentile: float | None) -> None:
-    """None (off) or a number in (0, 1]."""
-    if percentile is not None and (isinstance(percentile, bool) or not 0.0 < float(percentile) <= 1.0):
-        raise ValueError(f"dynamic_percentile={percentile!r} must be in (0, 1] (Imagen: 0.995) or null for none")
-
-
 def predict(
     model_fn: ModelFn,
     x_t: Tensor,
@@ -89,7 +75,7 @@ def predict(
         output, v = split_variance_output(output)
     x0, eps = x0_eps_from_output(output, x_t, alpha_bar, parameterization)
     if dynamic_percentile is not None or clip_x0:
-        x0 = dynamic_threshold(x0, dynamic_percentile) if dynamic_percentile is not None else x0.clamp(-1.0, 1.0)
+        x0 = threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
         eps = eps_from_x0(x_t, x0, alpha_bar)
     return x0, eps, v
 

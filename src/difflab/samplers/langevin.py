@@ -58,9 +58,11 @@ class ALD(DenoiserSampler):
     step_lr: float = 8e-5  # NCSN's 2e-5 for data in [0, 1], x4 for data in [-1, 1]
     final_denoise: bool = True
     clip_x0: bool = False
+    dynamic_percentile: float | None = None  # Imagen dynamic thresholding of x0 (takes precedence over clip_x0)
     _last_levels: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.check_thresholding()
         if self.levels is not None and (not isinstance(self.levels, int) or self.levels < 1):
             raise ValueError(f"levels={self.levels!r} must be null or an integer >= 1")
         if not isinstance(self.n_steps_each, int) or self.n_steps_each < 1:

@@ -49,10 +49,12 @@ class PFODE(DenoiserSampler):
     method: OdeMethod = "RK45"
     denoise: bool = True
     clip_x0: bool = False
+    dynamic_percentile: float | None = None  # Imagen dynamic thresholding of x0 (takes precedence over clip_x0)
     adaptive: bool = field(default=True, init=False)
     _nfes: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.check_thresholding()
         check_tolerances(self.rtol, self.atol, self.method)
 
     @property

@@ -83,8 +83,9 @@ def pc_sample(denoiser: Denoiser, x: Tensor, *, steps: int, predictor: Predictor
     return mean if denoise else x
 
 
-def check_pc_family(family: NoiseFamily, predictor: str) -> None:
-    """PC needs a continuous SDE; the ancestral predictor only exists for VP and VE."""
+def check_pc_family(family: NoiseFamily, predictor: str, steps: int | None = None) -> None:
+    """PC needs a continuous SDE; the ancestral predictor only exists for VP and VE; the VP SDE's DDPM
+    discretisation needs beta_i = beta(t) / N < 1 (else sqrt(1 - beta_i) is NaN)."""
     if not isinstance(family, (VPSDE, SubVPSDE, VESDE)):
         raise ValueError(
             f"sampler pc needs a continuous-time SDE model (vp, subvp, ve, ncsn); this model is {family.name!r}. "
@@ -93,6 +94,13 @@ def check_pc_family(family: NoiseFamily, predictor: str) -> None:
     if predictor == "ancestral" and isinstance(family, SubVPSDE):
         raise ValueError("predictor='ancestral' exists for the vp and ve SDEs only (Song et al. 2021, App. F); "
                          "use reverse_diffusion or euler_maruyama for subvp")
+    if (steps is not None and isinstance(family, VPSDE) and predictor in ("reverse_diffusion", "ancestral")
+            and family.beta_max / steps >= 1.0):
+        raise ValueError(
+            f"steps={steps} is too few for predictor={predictor!r} on the vp SDE: its DDPM discretisation needs "
+            f"beta_max / steps < 1 (beta_max={family.beta_max:g}); use steps > {int(family.beta_max)} "
+            "or predictor=euler_maruyama"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,8 +115,10 @@ class PC(DenoiserSampler):
     snr_norm: SnrNorm = "sample"
     denoise: bool = True
     clip_x0: bool = False
+    dynamic_percentile: float | None = None  # Imagen dynamic thresholding of x0 (takes precedence over clip_x0)
 
     def __post_init__(self) -> None:
+        self.check_thresholding()
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
         if self.predictor not in get_args(Predictor):
@@ -134,10 +144,10 @@ class PC(DenoiserSampler):
         """Settings were checked at construction; the model family is checked when sampling."""
 
     def check_family(self, family: NoiseFamily) -> None:
-        check_pc_family(family, self.predictor)
+        check_pc_family(family, self.predictor, self.steps)
 
     def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
-        check_pc_family(family, self.predictor)
+        check_pc_family(family, self.predictor, self.steps)
         return pc_sample(denoiser, x_T * family.prior_std, steps=self.steps, predictor=self.predictor,
                          corrector=self.corrector, snr=self.snr, corrector_steps=self.corrector_steps,
                          snr_norm=self.snr_norm, denoise=self.denoise, generator=generator, callback=callback)

@@ -18,6 +18,7 @@ from difflab.diffusion.denoiser import Denoiser, Prediction
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily, Spacing, as_family, sigma_steps
+from difflab.diffusion.thresholding import check_dynamic_percentile
 from difflab.samplers.base import Callback, Generator, ModelFn
 
 
@@ -91,6 +92,11 @@ class DenoiserSampler:
     """
 
     clip_x0 = False
+    dynamic_percentile: float | None = None  # subclasses make both dataclass fields
+
+    def check_thresholding(self) -> None:
+        """Refuse a bad dynamic_percentile when the sampler is built (called from __post_init__)."""
+        check_dynamic_percentile(self.dynamic_percentile)
 
     def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         """Images from standard normal x_T under `family`, sampled through `denoiser`."""
@@ -107,7 +113,8 @@ class DenoiserSampler:
         callback: Callback = None,
     ) -> Tensor:
         family = as_family(schedule)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0)
+        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0,
+                            dynamic_percentile=self.dynamic_percentile)
         return self.run(denoiser, family, x_T, generator, callback)
 
 
@@ -119,8 +126,10 @@ class _SigmaSampler(DenoiserSampler):
     spacing: Spacing = "karras"
     rho: float = 7.0
     clip_x0: bool = True
+    dynamic_percentile: float | None = None  # Imagen dynamic thresholding of x0 (takes precedence over clip_x0)
 
     def __post_init__(self) -> None:
+        self.check_thresholding()
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
         if self.spacing not in get_args(Spacing):
