@@ -108,7 +108,9 @@ def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path)
     assert int(state["ema.n_averaged"]) == 5  # step 4 was averaged, the NaN step 5 was not
 
 
-def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
+def _resume_refused(tmp_path: Path, ckpt: Path, match: str):
+    """Lightning's own resume path (Trainer.fit(ckpt_path=...) -> AtomicCheckpointIO), in this process:
+    it must raise `match` before any step; returns the trainer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -116,44 +118,7 @@ def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed,
 
     from difflab.cli.build import build_module, build_trainer
     from difflab.cli.common import config_dir
-    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
 
-    marker = tmp_path / "code_ran"
-    ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
-    ckpt["payload"] = _Exploit(str(marker))  # unpickling it would call Path.touch(marker)
-    evil = tmp_path / "last.ckpt"
-    torch.save(ckpt, evil)
-    GlobalHydra.instance().clear()
-    try:  # Lightning's own resume path (Trainer.fit(ckpt_path=...) -> AtomicCheckpointIO), in this process
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=[*BASE, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}",
-                                              f"paths.output_dir={tmp_path}"], return_hydra_config=True)
-            HydraConfig().set_config(cfg)
-            trainer = build_trainer(cfg)
-            with pytest.raises(ValueError, match=r"refusing to load checkpoint .*last.ckpt.*pickled Python objects"):
-                trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data), ckpt_path=str(evil))
-    finally:
-        GlobalHydra.instance().clear()
-    assert trainer.global_step == 0 and not marker.exists()
-    with pytest.raises(ValueError, match="refusing to load checkpoint"):
-        load_checkpoint(evil)
-    assert not marker.exists()
-
-
-def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and_resumed, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
-
-    from difflab.cli.build import build_module, build_trainer
-    from difflab.cli.common import config_dir
-    from difflab.cli.sample import load_checkpoint
-
-    data = (straight_and_resumed["straight"] / "checkpoints" / "last.ckpt").read_bytes()
-    cut = tmp_path / "checkpoints" / "last.ckpt"
-    cut.parent.mkdir()
-    cut.write_bytes(data[: len(data) // 2])  # as a kill during a non-atomic copy would leave it
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -161,10 +126,38 @@ def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and
                                               f"paths.output_dir={tmp_path}"], return_hydra_config=True)
             HydraConfig().set_config(cfg)
             trainer = build_trainer(cfg)
-            with pytest.raises(ValueError, match=rf"checkpoint .*last.ckpt' \({len(data) // 2} bytes\) is truncated"):
-                trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data), ckpt_path=str(cut))
+            with pytest.raises(ValueError, match=match):
+                trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data), ckpt_path=str(ckpt))
     finally:
         GlobalHydra.instance().clear()
+    return trainer
+
+
+def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
+
+    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
+
+    marker = tmp_path / "code_ran"
+    ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
+    ckpt["payload"] = _Exploit(str(marker))  # unpickling it would call Path.touch(marker)
+    evil = tmp_path / "last.ckpt"
+    torch.save(ckpt, evil)
+    trainer = _resume_refused(tmp_path, evil, r"refusing to load checkpoint .*last.ckpt.*pickled Python objects")
+    assert trainer.global_step == 0 and not marker.exists()
+    with pytest.raises(ValueError, match="refusing to load checkpoint"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and_resumed, tmp_path):
+
+    from difflab.cli.sample import load_checkpoint
+
+    data = (straight_and_resumed["straight"] / "checkpoints" / "last.ckpt").read_bytes()
+    cut = tmp_path / "checkpoints" / "last.ckpt"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) // 2])  # as a kill during a non-atomic copy would leave it
+    trainer = _resume_refused(tmp_path, cut, rf"checkpoint .*last.ckpt' \({len(data) // 2} bytes\) is truncated")
     assert trainer.global_step == 0 and cut.read_bytes() == data[: len(data) // 2]  # not overwritten
     with pytest.raises(ValueError, match="is truncated or not a torch checkpoint"):
         load_checkpoint(cut)  # difflab-sample / difflab-eval
