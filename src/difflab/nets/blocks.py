@@ -13,6 +13,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.nets.dropout import Dropout
+
 GROUP_NORM_EPS = 1e-6  # as the DDPM TF code and diffusers' google/ddpm-cifar10-32 config
 
 
@@ -72,7 +74,7 @@ class ResBlock(nn.Module):
         self.conv1 = conv2d(in_channels, out_channels, kernel_size=3)
         self.temb_proj = linear(temb_channels, 2 * out_channels if self.scale_shift_norm else out_channels)
         self.norm2 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = conv2d(out_channels, out_channels, kernel_size=3, scale=0.0)
         same = in_channels == out_channels
         self.skip = nn.Identity() if same else conv2d(in_channels, out_channels, kernel_size=1)
