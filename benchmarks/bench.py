@@ -6,7 +6,7 @@ repetitions), so both see the same machine load; each ratio is taken within one 
 the table reports the median over repetitions. Sizes come from the options below or BENCH_* env
 variables (BENCH_REPEATS=5 make bench). Results: a Markdown table on stdout, JSON with --json.
 
-    python benchmarks/bench.py                       # the defaults (~5 min on a quiet 2-core CPU, estimated)
+    python benchmarks/bench.py                       # the defaults (see the README for their cost)
     python benchmarks/bench.py --no-bf16 --repeats 5
 """
 
@@ -149,23 +149,34 @@ def matmul_peak(dtype_name: str, threads: int, n: int, repeats: int = 5) -> floa
     return 2 * n**3 / best
 
 
+def bf16_hardware() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 is ~50x slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=_env("repeats", 3), help="interleaved repetitions (median)")
-    p.add_argument("--bf16-repeats", type=int, default=_env("bf16_repeats", 1))
+    fast_bf16 = bf16_hardware()  # bf16 sizes: full on bf16 hardware, a token run on CPUs without it
+    p.add_argument("--repeats", type=int, default=_env("repeats", 5), help="interleaved repetitions (median)")
+    p.add_argument("--bf16-repeats", type=int, default=_env("bf16_repeats", 5 if fast_bf16 else 1))
     p.add_argument("--train-batch", type=int, default=_env("train_batch", 8))
     p.add_argument("--train-steps", type=int, default=_env("train_steps", 2), help="steps per repetition")
     p.add_argument("--forward-batch", type=int, default=_env("forward_batch", 16))
     p.add_argument("--ddim-batch", type=int, default=_env("ddim_batch", 2))
     p.add_argument("--ddim-steps", type=int, default=_env("ddim_steps", 50))
-    p.add_argument("--bf16-batch", type=int, default=_env("bf16_batch", 1))
+    p.add_argument("--bf16-batch", type=int, default=_env("bf16_batch", 8 if fast_bf16 else 1))
     p.add_argument("--digits-batch", type=int, default=_env("digits_batch", 64))
     p.add_argument("--digits-ddim-batch", type=int, default=_env("digits_ddim_batch", 64))
     p.add_argument("--ch", type=int, default=_env("ch", 128), help="base width of the CIFAR-10 pair (128 = the paper's)")
     p.add_argument("--threads", type=int, default=_env("threads", os.cpu_count() or 1))
     p.add_argument("--no-bf16", action="store_true", default=bool(_env("no_bf16", 0)))
-    p.add_argument("--bf16-ddim", action="store_true", default=bool(_env("bf16_ddim", 0)),
-                   help="also a bf16 DDIM sample (on CPUs without bf16 units this takes many minutes)")
+    p.add_argument("--bf16-ddim", action="store_true", default=bool(_env("bf16_ddim", int(fast_bf16))),
+                   help="also a bf16 DDIM sample (default on bf16 hardware; without it this takes many minutes)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     for name in ("repeats", "bf16_repeats", "train_batch", "train_steps", "forward_batch", "ddim_batch",
@@ -179,14 +190,15 @@ def run(args: argparse.Namespace) -> dict:
     """All comparisons; returns rows and machine facts."""
     ctx = mp.get_context("spawn")
     rows: list[dict] = []
-    facts = {"threads": args.threads, "cpu": _cpu_name(), "load_avg_start": os.getloadavg()}
+    facts = {"threads": args.threads, "cpu": _cpu_name(), "bf16_hardware": bf16_hardware(),
+             "load_avg_start": os.getloadavg()}
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     for prec in precisions:
         if prec == "bf16":  # the slow part last
             rows += _digits(ctx, args, facts)
         batch = args.train_batch if prec == "fp32" else args.bf16_batch
         reps = args.repeats if prec == "fp32" else args.bf16_repeats
-        steps = args.train_steps if prec == "fp32" else 1
+        steps = args.train_steps if prec == "fp32" or facts["bf16_hardware"] else 1
         ours = Worker(ctx, "difflab-cifar", prec, args, batch)
         peer = Worker(ctx, "diffusers", prec, args, batch)
         try:
@@ -194,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
             facts["params"] = {"difflab": ours.params, "diffusers": peer.params}
             if args.ch == 128 and not ours.params == peer.params == DDPM_CIFAR10_PARAMS:
                 raise RuntimeError(f"parameter counts differ from {DDPM_CIFAR10_PARAMS}: {facts['params']}")
-            warm = 1 if prec == "fp32" else 0
+            warm = 2 if prec == "fp32" or facts["bf16_hardware"] else 0  # first steps allocate and fault pages
             res = compare(ours, peer, "train", repeats=reps, n=steps, size=batch, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "train img/s", prec, batch, res, per_call=batch))
             mem = {w.kind: w.ask("peak_mb") for w in (ours, peer)}
@@ -204,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
             if prec == "fp32":
                 flops = {w.kind: w.ask("flops") for w in (ours, peer)}
                 facts["train_flop_per_image"] = flops
-            fb = args.forward_batch if prec == "fp32" else args.bf16_batch
+            fb = args.forward_batch if prec == "fp32" or facts["bf16_hardware"] else args.bf16_batch
             res = compare(ours, peer, "forward", repeats=reps, n=1, size=fb, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "no-grad forward img/s", prec, fb, res, per_call=fb))
             if prec == "fp32" or args.bf16_ddim:
@@ -289,7 +301,8 @@ def format_table(result: dict) -> str:
     f = result["facts"]
     peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in f.get("matmul_peak_flops", {}).items())
     flops = f.get("train_flop_per_image", {})
-    lines += ["", f"CPU: {f['cpu']}, {f['threads']} threads; load average {f['load_avg_start'][0]:.1f} at start, "
+    bf16 = {True: "native bf16 kernels", False: "no bf16 units", None: "bf16 units unknown"}[f.get("bf16_hardware")]
+    lines += ["", f"CPU: {f['cpu']} ({bf16}), {f['threads']} threads; load average {f['load_avg_start'][0]:.1f} at start, "
               f"{f['load_avg_end'][0]:.1f} at end", f"parameters: {f.get('params')}, digits: {f.get('digits_params')}",
               f"matmul peak: {peaks}; training FLOP per image: "
               + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items())]

@@ -2,9 +2,11 @@
 
     python benchmarks/means.py --net cifar --batch 8 --repeats 5
     python benchmarks/means.py --net digits --batch 64 --repeats 7
+    python benchmarks/means.py --net cifar --precision bf16     # under CPU bf16 autocast
 
-Variants: channels_last (NHWC weights and activations) and the fused Adam(W) kernel, each
-against the plain baseline. Reported: median over repetitions of (baseline seconds / variant
+Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel and the
+residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``), each
+against the plain baseline (NCHW, per-tensor AdamW, ``nn.Dropout``). Reported: median over repetitions of (baseline seconds / variant
 seconds) for a training step (forward + loss + backward + optimizer step) and a no-grad forward.
 """
 
@@ -17,32 +19,54 @@ import time
 import torch
 
 from difflab.nets import UNet
+from difflab.nets.dropout import Dropout
 
 NETS = {
     "cifar": dict(image_size=32, in_channels=3),  # ddpm_cifar10: the constructor's defaults
     "digits": dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(4,), dropout=0.0),
 }
-VARIANTS = {"baseline": (False, False), "fused": (False, True), "channels_last+fused": (True, True)}
+VARIANTS = {  # (channels_last, fused, difflab dropout)
+    "baseline": (False, False, False),
+    "fused": (False, True, False),
+    "channels_last+fused": (True, True, False),
+    "cl+fused+dropout": (True, True, True),
+}
 
 
-def build(net: str, channels_last: bool, fused: bool):
+def _swap(model: torch.nn.Module, cls: type, make) -> None:
+    """Replace every submodule of type cls by make(old)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, cls):
+                setattr(module, name, make(child))
+
+
+def build(net: str, channels_last: bool, fused: bool, own_dropout: bool):
     torch.manual_seed(0)
     model = UNet(**NETS[net], channels_last=channels_last)
+    if not own_dropout:  # torch's bernoulli_ mask, same p
+        _swap(model, Dropout, lambda m: torch.nn.Dropout(m.p))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
 
-def train_s(model, opt, x, t) -> float:
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_s(model, opt, x, t, precision: str) -> float:
     start = time.perf_counter()
     model.train()
-    model(x, t).square().mean().backward()
+    with autocast(precision):
+        loss = model(x, t).float().square().mean()
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def forward_s(model, x, t) -> float:
+def forward_s(model, x, t, precision: str) -> float:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision):
         start = time.perf_counter()
         model(x, t)
         return time.perf_counter() - start
@@ -53,6 +77,7 @@ def main() -> None:
     p.add_argument("--net", choices=sorted(NETS), default="cifar")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: CPU autocast")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,16 +85,16 @@ def main() -> None:
     x, t = torch.randn(args.batch, channels, size, size), torch.randint(0, 1000, (args.batch,))
     systems = {name: build(args.net, *flags) for name, flags in VARIANTS.items()}
     for model, opt in systems.values():  # warm-up (allocations, optimizer state)
-        train_s(model, opt, x, t), forward_s(model, x, t)
+        train_s(model, opt, x, t, args.precision), forward_s(model, x, t, args.precision)
     times = {name: {"train": [], "forward": []} for name in systems}
     for r in range(args.repeats):
         order = list(systems) if r % 2 == 0 else list(reversed(systems))
         for name in order:
             model, opt = systems[name]
-            times[name]["train"].append(train_s(model, opt, x, t))
-            times[name]["forward"].append(forward_s(model, x, t))
+            times[name]["train"].append(train_s(model, opt, x, t, args.precision))
+            times[name]["forward"].append(forward_s(model, x, t, args.precision))
     base = times["baseline"]
-    print(f"net={args.net} batch={args.batch} repeats={args.repeats} threads={args.threads}")
+    print(f"net={args.net} precision={args.precision} batch={args.batch} repeats={args.repeats} threads={args.threads}")
     for name, got in times.items():
         speed = {k: statistics.median(b / v for b, v in zip(base[k], got[k])) for k in got}
         print(f"  {name:<20} train step {statistics.median(got['train']):.3f} s (x{speed['train']:.2f})   "

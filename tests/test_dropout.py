@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from difflab.nets import UNet
 from difflab.nets.dropout import Dropout, keep_mask, keep_threshold
 
 
@@ -70,3 +71,13 @@ def test_eval_and_p0_are_identity_and_seeded_masks_repeat():
 def test_bad_p_is_refused(p):
     with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
         keep_threshold(p)
+
+
+def test_unet_with_dropout_traces_without_graph_breaks():
+    """module.compile=true compiles the whole training network: the CPU mask must not break the graph."""
+    net = UNet(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+               dropout=0.1, channels_last=True).train()
+    x, t = torch.randn(2, 1, 8, 8), torch.randint(0, 1000, (2,))
+    explained = torch._dynamo.explain(net)(x, t)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -6,7 +6,8 @@ On CPU, torch's `bernoulli_` draws one float per element from a sequential gener
 which is ~3x faster. The keep probability is quantised to q = (2^15 - k) / 2^15 with
 k = round(p * 2^15) (|q - (1 - p)| <= 2^-16), and kept values are scaled by exactly 1/q, so
 E[dropout(x)] = x as for torch's dropout. On other devices (CUDA's fused Philox kernel is fast) and
-in eval mode it is `torch.nn.Dropout`.
+in eval mode it is `torch.nn.Dropout`, and so it is inside `torch.compile` (Dynamo cannot trace
+the in-place `random_`, and inductor fuses its own dropout mask into the surrounding kernels).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout whose CPU training path uses `keep_mask` (same expectation, ~3x faster mask)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+        if (not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         if not _is_dense(x):
             x = x.contiguous()
