@@ -3,6 +3,7 @@
     python benchmarks/means.py --net cifar --batch 8 --repeats 5
     python benchmarks/means.py --net digits --batch 64 --repeats 7
     python benchmarks/means.py --net cifar --precision bf16     # under CPU bf16 autocast
+    python benchmarks/means.py --net cifar --compile            # also everything under torch.compile
 
 Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel and the
 residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``), each
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--net", choices=sorted(NETS), default="cifar")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="add the full set under torch.compile (~1.5 min to compile)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: CPU autocast")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
@@ -84,6 +86,9 @@ def main() -> None:
     size, channels = NETS[args.net]["image_size"], NETS[args.net]["in_channels"]
     x, t = torch.randn(args.batch, channels, size, size), torch.randint(0, 1000, (args.batch,))
     systems = {name: build(args.net, *flags) for name, flags in VARIANTS.items()}
+    if args.compile:  # module.compile=true: the training network compiled in place (CPU inductor here)
+        systems["all+torch.compile"] = build(args.net, *VARIANTS["cl+fused+dropout"])
+        systems["all+torch.compile"][0].compile()
     for model, opt in systems.values():  # warm-up (allocations, optimizer state)
         train_s(model, opt, x, t, args.precision), forward_s(model, x, t, args.precision)
     times = {name: {"train": [], "forward": []} for name in systems}

@@ -145,3 +145,19 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["difflab"]["config"]["ckpt_path"] == "last"
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # atomic writes leave nothing behind
+
+
+def test_bf16_mixed_precision_trains_through_lightning(tmp_path):
+    """trainer.precision=bf16-mixed on CPU: Lightning's autocast plugin, float32 master weights, finite loss."""
+    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "callbacks.sample_grid.every"))]
+    run("difflab.cli.train", *args, "trainer.max_steps=2", "trainer.precision=bf16-mixed", "model.dropout=0.1",
+        "model.channels_last=true", "callbacks.sample_grid.every_n_steps=1000", f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["difflab"]["config"]["trainer"]["precision"] == "bf16-mixed"
+    weights = [v for k, v in ckpt["state_dict"].items() if k.startswith("net.") and v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
+    col = rows[0].index("train/loss")
+    losses = [float(r[col]) for r in rows[1:] if len(r) > col and r[col]]
+    assert losses and all(np.isfinite(losses))

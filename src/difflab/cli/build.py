@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from difflab.cli.cluster import slurm_plugins
+from difflab.lit.precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
 from difflab.lit import DiffusionModule, ScoreModule
 
 
@@ -92,5 +93,31 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     slurm = cfg.get("slurm") or {}
     plugins += slurm_plugins(auto_requeue=bool(slurm.get("auto_requeue", True)),
                              signal_name=str(slurm.get("requeue_signal", "USR2")))
+    overrides = {}
+    precision = cfg.trainer.get("precision")
+    check_precision(precision, cfg.trainer.get("gradient_clip_val"), cfg.get("optimizer"))
+    if precision in BF16_MIXED:  # Lightning's own plugin would refuse to clip for the fused AdamW
+        plugins.append(BF16MixedPrecision(device=autocast_device(cfg.trainer.get("accelerator", "auto"))))
+        overrides["precision"] = None
     return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False,
-                       plugins=plugins or None)
+                       plugins=plugins or None, **overrides)
+
+
+def autocast_device(accelerator: str) -> str:
+    """The device type Lightning's accelerator choice autocasts on: cuda for GPUs, else cpu."""
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator == "auto" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def check_precision(precision: str | int | None, gradient_clip_val: float | None, optimizer_cfg: Any) -> None:
+    """float16 + GradScaler cannot clip before a fused step (its gradients are still scaled): fail first."""
+    fused = bool((optimizer_cfg or {}).get("fused", False))
+    if precision in FP16_MIXED and fused and gradient_clip_val:
+        raise ValueError(
+            f"trainer.precision={precision} scales the loss, and a fused optimizer (optimizer.fused=true) "
+            f"unscales inside its step, so trainer.gradient_clip_val={gradient_clip_val} would clip scaled "
+            "gradients; use trainer.precision=bf16-mixed, optimizer.fused=false or trainer.gradient_clip_val=null"
+        )
