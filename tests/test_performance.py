@@ -110,3 +110,16 @@ def test_difflab_bench_system_trains_and_samples():
 def test_diffusers_peer_is_the_ddpm_cifar10_architecture():
     peer = systems.diffusers_unet()
     assert sum(p.numel() for p in peer.parameters()) == systems.DDPM_CIFAR10_PARAMS == UNet().num_parameters
+
+
+@pytest.mark.parametrize("native, batch, repeats", [(True, 8, 5), (False, 1, 1)])
+def test_bench_bf16_sizes_follow_the_hardware(monkeypatch, native, batch, repeats):
+    for name in ("BENCH_BF16_BATCH", "BENCH_BF16_REPEATS", "BENCH_BF16_DDIM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bench, "bf16_hardware", lambda: native)
+    args = bench.parse_args([])
+    assert (args.bf16_batch, args.bf16_repeats, args.bf16_ddim) == (batch, repeats, native)
+
+
+def test_bench_detects_bf16_units_as_a_bool():
+    assert isinstance(bench.bf16_hardware(), bool)
