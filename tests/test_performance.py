@@ -123,3 +123,18 @@ def test_bench_bf16_sizes_follow_the_hardware(monkeypatch, native, batch, repeat
 
 def test_bench_detects_bf16_units_as_a_bool():
     assert isinstance(bench.bf16_hardware(), bool)
+
+
+def test_digit_judge_is_accurate_and_tells_digits_from_noise():
+    """benchmarks/judge_digits.py, the independent judge behind the README's sample-quality figures."""
+    import judge_digits
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    clf, acc = judge_digits.fit_judge()
+    assert acc > 0.97
+    real = (load_digits().images[:300, :, :, None] / 16.0 * 255).round().astype("uint8")
+    real_score = judge_digits.judge(real, clf)
+    assert real_score["confident_share"] > 0.95 and real_score["classes_present"] == 10
+    noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
+    assert judge_digits.judge(noise, clf)["mean_top_probability"] < real_score["mean_top_probability"] - 0.2
