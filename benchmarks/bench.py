@@ -4,7 +4,7 @@ Every system lives in its own worker process (so peak memory is its own), and th
 interleaves them: repetition r runs difflab then the peer (the order alternates between
 repetitions), so both see the same machine load; each ratio is taken within one repetition and
 the table reports the median over repetitions. Sizes come from the options below or BENCH_* env
-variables (BENCH_REPEATS=5 make bench). Results: a Markdown table on stdout, JSON with --json.
+variables (BENCH_REPEATS=9 make bench). Results: a Markdown table on stdout, JSON with --json.
 
     python benchmarks/bench.py                       # the defaults (see the README for their cost)
     python benchmarks/bench.py --no-bf16 --repeats 5
@@ -179,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also a bf16 DDIM sample (default on bf16 hardware; without it this takes many minutes)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
+    args.bf16_hardware = fast_bf16
     for name in ("repeats", "bf16_repeats", "train_batch", "train_steps", "forward_batch", "ddim_batch",
                  "ddim_steps", "bf16_batch", "digits_batch", "digits_ddim_batch", "ch", "threads"):
         if getattr(args, name) < 1:
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     """All comparisons; returns rows and machine facts."""
     ctx = mp.get_context("spawn")
     rows: list[dict] = []
-    facts = {"threads": args.threads, "cpu": _cpu_name(), "bf16_hardware": bf16_hardware(),
+    facts = {"threads": args.threads, "cpu": _cpu_name(), "bf16_hardware": args.bf16_hardware,
              "load_avg_start": os.getloadavg()}
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     for prec in precisions:
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> dict:
             rows += _digits(ctx, args, facts)
         batch = args.train_batch if prec == "fp32" else args.bf16_batch
         reps = args.repeats if prec == "fp32" else args.bf16_repeats
-        steps = args.train_steps if prec == "fp32" or facts["bf16_hardware"] else 1
+        full_size = prec == "fp32" or args.bf16_hardware  # else a token bf16 run (no bf16 units)
+        steps = args.train_steps if full_size else 1
         ours = Worker(ctx, "difflab-cifar", prec, args, batch)
         peer = Worker(ctx, "diffusers", prec, args, batch)
         try:
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
             facts["params"] = {"difflab": ours.params, "diffusers": peer.params}
             if args.ch == 128 and not ours.params == peer.params == DDPM_CIFAR10_PARAMS:
                 raise RuntimeError(f"parameter counts differ from {DDPM_CIFAR10_PARAMS}: {facts['params']}")
-            warm = 2 if prec == "fp32" or facts["bf16_hardware"] else 0  # first steps allocate and fault pages
+            warm = 2 if full_size else 0  # first steps allocate and fault pages
             res = compare(ours, peer, "train", repeats=reps, n=steps, size=batch, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "train img/s", prec, batch, res, per_call=batch))
             mem = {w.kind: w.ask("peak_mb") for w in (ours, peer)}
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
             if prec == "fp32":
                 flops = {w.kind: w.ask("flops") for w in (ours, peer)}
                 facts["train_flop_per_image"] = flops
-            fb = args.forward_batch if prec == "fp32" or facts["bf16_hardware"] else args.bf16_batch
+            fb = args.forward_batch if full_size else args.bf16_batch
             res = compare(ours, peer, "forward", repeats=reps, n=1, size=fb, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "no-grad forward img/s", prec, fb, res, per_call=fb))
             if prec == "fp32" or args.bf16_ddim:

@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from systems import autocast  # benchmarks/systems.py: bf16 autocast as Lightning's bf16-mixed
 
 from difflab.nets import UNet
 from difflab.nets.dropout import Dropout
@@ -48,10 +49,6 @@ def build(net: str, channels_last: bool, fused: bool, own_dropout: bool):
     if not own_dropout:  # torch's bernoulli_ mask, same p
         _swap(model, Dropout, lambda m: torch.nn.Dropout(m.p))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-
-
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_s(model, opt, x, t, precision: str) -> float:

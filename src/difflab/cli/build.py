@@ -10,8 +10,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from difflab.cli.cluster import slurm_plugins
-from difflab.lit.precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
 from difflab.lit import DiffusionModule, ScoreModule
+from difflab.lit.precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
 
 
 def data_num_classes(cfg: DictConfig) -> int:
