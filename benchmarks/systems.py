@@ -118,6 +118,7 @@ class Diffusers:
             self.net(x, t)
 
     def ddim(self, batch: int, precision: str) -> None:
+        self.net.eval()  # DDIMPipeline leaves the mode alone; sampling with dropout on would be wrong and slower
         with autocast(precision):
             self.pipe(batch_size=batch, num_inference_steps=self.ddim_steps,
                       generator=torch.Generator().manual_seed(0), output_type="np")

@@ -75,6 +75,16 @@ def test_sample_from_checkpoint_is_seeded_and_batch_independent(trained, tmp_pat
     assert (tmp_path / "a" / "ddim-5_n6_seed11.png").is_file()
 
 
+def test_sample_in_bf16_keeps_float32_samples_and_stays_close(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=5", "num_samples=4", f"out_dir={tmp_path}"]
+    run("difflab.cli.sample", *common, cwd=tmp_path)
+    run("difflab.cli.sample", *common, "precision=bf16-mixed", cwd=tmp_path)
+    full = np.load(tmp_path / "ddim-5_n4_seed0.npz")["images"].astype(float)
+    bf16 = np.load(tmp_path / "ddim-5_n4_seed0_bf16-mixed.npz")["images"].astype(float)  # its own file
+    assert full.shape == bf16.shape and np.abs(full - bf16).mean() < 8  # uint8 levels
+
+
 def test_sample_ddpm_into_run_directory(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     run("difflab.cli.sample", f"ckpt_path={ckpt}", "sampler=ddpm", "num_samples=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
@@ -90,6 +100,7 @@ def test_sample_ddpm_into_run_directory(trained, tmp_path):
         ("sampler=ddpm sampler.variance=learned", "variance='learned' but this model has a fixed variance"),
         ("sampler=ddpm sampler.variance=cubic", "variance='cubic' is not supported"),
         ("sampler=euler", "Could not find 'sampler/euler'"),
+        ("precision=bf17", "precision='bf17' is not one of 32 (float32), bf16-mixed"),
     ],
 )
 def test_bad_sampler_settings_fail_clearly(trained, tmp_path, override, message):

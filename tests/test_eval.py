@@ -83,6 +83,15 @@ def test_two_process_eval_matches_one_process(setup, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
 
 
+def test_difflab_eval_samples_in_bf16_when_asked(setup, tmp_path):
+    args = [a for a in eval_args(setup, tmp_path) if not a.startswith("samplers=")] + ["samplers=[ddim-5]"]
+    run("difflab.cli.evaluate", *args, "bpd.num_images=0", "precision=bf16-mixed", cwd=tmp_path)
+    (row,) = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert row["sampling_precision"] == "bf16-mixed" and row["fid"] >= 0 and 0 <= row["precision"] <= 1
+    proc = run("difflab.cli.evaluate", *args, "precision=fp8", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "precision='fp8' is not one of 32" in proc.stderr + proc.stdout
+
+
 def test_missing_inception_weights_fail_before_sampling(setup, tmp_path):
     proc = run("difflab.cli.evaluate", *eval_args(setup, tmp_path, "metrics.extractor=inception",
                f"metrics.weights_path={tmp_path}/weights-inception-2015-12-05-6726825d.pth"), cwd=tmp_path, check=False)

@@ -23,6 +23,7 @@ from difflab.data.transforms import to_uint8
 from difflab.metrics.generative import GenerativeMetrics
 from difflab.metrics.reference import ReferenceKey, load_or_compute
 from difflab.samplers.base import Sampler
+from difflab.samplers.precision import autocast_dtype
 
 log = logging.getLogger("difflab")
 
@@ -59,6 +60,7 @@ def evaluate_sampler(
     use_ema: bool = True,
     guidance_scale: float | None = None,
     num_classes: int | None = None,
+    precision: str | int | None = None,
 ) -> dict[str, float]:
     """Stream this rank's share of num_samples through the metrics; returns the synced scores.
 
@@ -69,9 +71,9 @@ def evaluate_sampler(
     block = shard(num_samples, rank, world_size)
     for start in range(block.start, block.stop, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, block.stop))
-        kwargs = {}
+        kwargs: dict[str, Any] = {} if precision is None else {"precision": precision}
         if guidance_scale is not None:
-            kwargs = {"labels": [(s - seed) % num_classes for s in seeds], "guidance_scale": guidance_scale}
+            kwargs |= {"labels": [(s - seed) % num_classes for s in seeds], "guidance_scale": guidance_scale}
         metrics.update_fake(to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs)))
     return metrics.compute()
 
@@ -90,6 +92,7 @@ def evaluate_samplers(
     use_ema: bool = True,
     guidance_scales: Sequence[float] | None = None,
     num_classes: int | None = None,
+    precision: str | int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per sampler (and guidance scale w, for class-conditional models): label, NFE, every metric, settings.
 
@@ -105,6 +108,7 @@ def evaluate_samplers(
             scores = evaluate_sampler(
                 model, sampler, metrics, num_samples=num_samples, batch_size=batch_size, seed=seed,
                 rank=rank, world_size=world_size, use_ema=use_ema, guidance_scale=w, num_classes=num_classes,
+                precision=precision,
             )
             label, nfe = sampler_label(sampler, T), sampler.nfe(T)
             row = {"sampler": label if w is None else f"{label}-w{w:g}", "nfe": nfe if w in (None, 0.0, 1.0) else 2 * nfe}
@@ -113,7 +117,8 @@ def evaluate_samplers(
             rows.append({
                 **row, **scores,
                 "num_samples": num_samples, "seed": seed, "extractor": metrics.extractor.name,
-                "weights": "ema" if use_ema else "raw", "seconds": round(time.perf_counter() - start, 2),
+                "weights": "ema" if use_ema else "raw", "sampling_precision": str(precision or 32),
+                "seconds": round(time.perf_counter() - start, 2),
                 "settings": repr(sampler),
             })
     return rows
@@ -238,7 +243,10 @@ class Evaluation(pl.Callback):
         reference_images: int | None = None,
         at_train_end: bool = True,
         guidance_scales: Sequence[float] | None = None,
+        precision: str | int | None = None,
     ) -> None:
+        if precision is not None:
+            autocast_dtype(precision)  # names the bad value before any training
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
                 f"every_n_steps={every_n_steps}, num_samples={num_samples}, batch_size={batch_size}: "
@@ -249,6 +257,7 @@ class Evaluation(pl.Callback):
         self.seed, self.use_ema, self.at_train_end = seed, use_ema, at_train_end
         self.reference_split, self.reference_images = reference_split, reference_images
         self.guidance_scales = None if not guidance_scales else [float(w) for w in guidance_scales]
+        self.precision = precision  # sampling precision: None float32, bf16-mixed / 16-mixed autocast
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
 
@@ -285,7 +294,7 @@ class Evaluation(pl.Callback):
             pl_module, self.samplers, self.metrics, T=pl_module.schedule.T, num_samples=self.num_samples,
             batch_size=self.batch_size, seed=self.seed, rank=trainer.global_rank,
             world_size=trainer.world_size, use_ema=self.use_ema, guidance_scales=self.guidance_scales,
-            num_classes=getattr(pl_module, "num_classes", None),
+            num_classes=getattr(pl_module, "num_classes", None), precision=self.precision,
         )
         for r in rows:
             r["step"] = step

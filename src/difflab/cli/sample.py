@@ -21,6 +21,7 @@ from difflab.lit.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointEr
 from difflab.lit.resume import check_state_dict_fits
 from difflab.samplers.ddpm import DDPM, resolve_variance
 from difflab.samplers.families import check_sampler_fits, default_sampler_name
+from difflab.samplers.precision import autocast_dtype
 
 log = logging.getLogger("difflab")
 
@@ -97,14 +98,18 @@ def guidance_kwargs(cfg: DictConfig, module: DiffusionModule, device: torch.devi
 
 
 def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
-    """File stem naming the sampler, count, seed and any label / guidance settings."""
+    """File stem naming the sampler, count, seed, any label / guidance settings and a reduced precision."""
     stem = f"{name}_n{cfg.num_samples}_seed{cfg.seed}"
     label = cfg.get("label")
     if kwargs.get("labels") is not None:
         stem += f"_label{label if isinstance(label, int) else 'list'}_w{kwargs['guidance_scale']:g}"
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
+    if autocast_dtype(cfg.get("precision", 32)) is not None:  # reduced-precision samples never overwrite float32 ones
+        stem += f"_{cfg.precision}"
     return stem
+
+
 def checkpoint_family(path: str | Path) -> str:
     """The model family a checkpoint remembers ('ddpm' for checkpoints written before families existed)."""
     return load_checkpoint(path)["difflab"].get("family", "ddpm")
@@ -129,6 +134,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
+    autocast_dtype(cfg.get("precision", 32))  # a bad name fails before the checkpoint loads
     sampler = choose_sampler(cfg, checkpoint_family(cfg.ckpt_path))
     device = resolve_device(cfg.device)
     module = module_from_checkpoint(cfg.ckpt_path, device)
@@ -144,7 +150,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     for start in range(0, cfg.num_samples, cfg.batch_size):
         seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_samples))
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
-        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels, **kwargs)
+        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels,
+                          precision=cfg.get("precision", 32), **kwargs)
         batches.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
         log.info("sampled %d / %d with %s", start + len(seeds), cfg.num_samples, sampler.name)
     images = np.concatenate(batches)

@@ -19,6 +19,7 @@ from difflab.samplers.base import Callback, ModelFn, Sampler
 from difflab.samplers.ddim import DDIM
 from difflab.samplers.ddpm import DDPM
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
+from difflab.samplers.precision import precast_for_autocast, sampling_autocast
 
 Objective = SimpleLoss | HybridLoss | VLBLoss
 Labels = Sequence[int] | Tensor | None
@@ -149,22 +150,31 @@ class DiffusionModule(TrainingModule):
         guidance_scale: float = 1.0,
         classifier: nn.Module | None = None,
         classifier_scale: float = 0.0,
+        precision: str | int | None = None,
     ) -> Tensor:
         """Images in [-1, 1], (len(seeds), C, H, W); sample i draws all its noise from seed seeds[i].
 
         labels (one per seed) condition a class-conditional net, with classifier-free guidance
         scale w = guidance_scale (0 unconditional, 1 conditional, > 1 guided); without labels a
         conditional net samples unconditionally (null label). A noise-aware `classifier(x_t, t)`
-        with classifier_scale s > 0 adds classifier guidance towards `labels`.
+        with classifier_scale s > 0 adds classifier guidance towards `labels`. precision bf16-mixed or
+        16-mixed runs the network under autocast (weights cast once per call, not per step); None or
+        32 keeps the caller's context.
         """
+        with sampling_autocast(precision, self.device.type):
+            return self._sample(sampler, seeds, use_ema=use_ema, callback=callback, labels=labels,
+                                guidance_scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
+
+    def _sample(self, sampler: Sampler, seeds: Sequence[int], *, use_ema: bool, callback: Callback, labels: Labels,
+                guidance_scale: float, classifier: nn.Module | None, classifier_scale: float) -> Tensor:
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
         x_T, generators = self.initial_noise(net, seeds)
         y = self._sample_labels(labels, len(seeds), need=classifier is not None and classifier_scale > 0)
-        model_fn = net
+        model_fn = precast_for_autocast(net)  # under bf16/fp16 autocast: weights cast once, not per step
         if self.num_classes is not None and y is not None:
-            model_fn = classifier_free_guidance(net, y, null_label=self.num_classes, guidance_scale=guidance_scale,
+            model_fn = classifier_free_guidance(model_fn, y, null_label=self.num_classes, guidance_scale=guidance_scale,
                                                 mean_channels=net.in_channels)
         extra: dict = {}
         ancestral = isinstance(sampler, (DDPM, DDIM))  # the samplers that take Sigma_theta and cond_fn

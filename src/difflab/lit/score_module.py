@@ -13,6 +13,7 @@ from difflab.diffusion.sde import NoiseFamily
 from difflab.lit.base import OptimizerFactory, TrainingModule
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.families import check_sampler_fits
+from difflab.samplers.precision import precast_for_autocast, sampling_autocast
 
 
 class ScoreModule(TrainingModule):
@@ -84,8 +85,12 @@ class ScoreModule(TrainingModule):
 
     @torch.inference_mode()
     def sample(self, sampler: Sampler, seeds: Sequence[int], *, use_ema: bool = True, callback: Callback = None,
-               labels: Sequence[int] | Tensor | None = None, **guidance: Any) -> Tensor:
-        """Images in [-1, 1], (len(seeds), C, H, W); sample i draws all its noise from seed seeds[i]."""
+               labels: Sequence[int] | Tensor | None = None, precision: str | int | None = None,
+               **guidance: Any) -> Tensor:
+        """Images in [-1, 1], (len(seeds), C, H, W); sample i draws all its noise from seed seeds[i].
+
+        precision bf16-mixed / 16-mixed: autocast, as DiffusionModule.sample; None or 32: the caller's context.
+        """
         if labels is not None or guidance.get("classifier") is not None:
             raise ValueError(f"labels / guidance were given but this {self.family!r} score model is unconditional; "
                              "class conditioning and guidance exist for DDPM models (experiment=digits_cfg)")
@@ -95,7 +100,8 @@ class ScoreModule(TrainingModule):
         net.eval()
         x_T, generators = self.initial_noise(net, seeds)
         try:
-            return sampler(net, x_T, self.sde, parameterization=self.parameterization,
-                           generator=generators, callback=callback)
+            with sampling_autocast(precision, self.device.type):
+                return sampler(precast_for_autocast(net), x_T, self.sde, parameterization=self.parameterization,
+                               generator=generators, callback=callback)
         finally:
             net.train(was_training)
