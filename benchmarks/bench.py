@@ -51,7 +51,7 @@ def _prepare(kind: str) -> None:
         import denoising_diffusion_pytorch  # noqa: F401
 
 
-def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, ddim_steps: int) -> None:
+def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, ddim_steps: int, setup: bool) -> None:
     """Build one system, then time whatever the parent asks for until told to stop."""
     import torch
 
@@ -61,6 +61,10 @@ def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, d
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         _prepare(kind)
+        if setup:  # what every difflab entry point does first (denormal flushing, malloc reuse)
+            from difflab.cli.common import setup_process
+
+            setup_process()
         base = rss_mb()
         system = build(kind, ch=ch, batch=batch, ddim_steps=ddim_steps)
         conn.send(("ok", sum(p.numel() for p in system.net.parameters())))
@@ -95,7 +99,8 @@ class Worker:
         self.kind, self.precision = kind, precision
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker, daemon=True,
-                                args=(child, kind, precision, args.threads, args.ch, batch, args.ddim_steps))
+                                args=(child, kind, precision, args.threads, args.ch, batch, args.ddim_steps,
+                                      kind.startswith("difflab") or args.peer_setup))
         self.proc.start()
         self.params = None
 
@@ -177,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bf16", action="store_true", default=bool(_env("no_bf16", 0)))
     p.add_argument("--bf16-ddim", action="store_true", default=bool(_env("bf16_ddim", int(fast_bf16))),
                    help="also a bf16 DDIM sample (default on bf16 hardware; without it this takes many minutes)")
+    p.add_argument("--peer-setup", action="store_true", default=bool(_env("peer_setup", 0)),
+                   help="give the peers difflab's process setup too (malloc reuse, denormal flushing), which "
+                        "difflab's entry points apply and the peers' users do not get by default")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.bf16_hardware = fast_bf16
@@ -192,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     rows: list[dict] = []
     facts = {"threads": args.threads, "cpu": _cpu_name(), "bf16_hardware": args.bf16_hardware,
-             "load_avg_start": os.getloadavg()}
+             "peer_setup": args.peer_setup, "load_avg_start": os.getloadavg()}
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
     for prec in precisions:
         if prec == "bf16":  # the slow part last
@@ -307,7 +315,9 @@ def format_table(result: dict) -> str:
     lines += ["", f"CPU: {f['cpu']} ({bf16}), {f['threads']} threads; load average {f['load_avg_start'][0]:.1f} at start, "
               f"{f['load_avg_end'][0]:.1f} at end", f"parameters: {f.get('params')}, digits: {f.get('digits_params')}",
               f"matmul peak: {peaks}; training FLOP per image: "
-              + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items())]
+              + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
+              "process setup (malloc reuse, denormal flushing): difflab" + (" and the peers" if f.get("peer_setup")
+                                                                           else " only, as its entry points do")]
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -138,3 +140,31 @@ def test_digit_judge_is_accurate_and_tells_digits_from_noise():
     assert real_score["confident_share"] > 0.95 and real_score["classes_present"] == 10
     noise = np.random.default_rng(0).integers(0, 256, size=(300, 8, 8, 1), dtype=np.uint8)
     assert judge_digits.judge(noise, clf)["mean_top_probability"] < real_score["mean_top_probability"] - 0.2
+
+
+_FAULTS = """
+import resource, sys, torch
+from difflab.cli.common import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
+for _ in range(2):
+    torch.empty(16 << 20).fill_(1.0)  # 64 MB: the first uses fault their pages in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(16 << 20).fill_(1.0)  # freed at once
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str, env: dict | None = None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    # glibc's default unmaps each freed 64 MB block, so every new one faults ~16k pages in again
+    assert _faults("default")[1] > 5 * 8000
+    flag, faults = _faults("keep")
+    assert flag == "True" and faults < 1000
+    assert _faults("keep", {"DIFFLAB_MALLOC": "default"})[0] == "False"

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks.evaluation import check_guidance_scales, evaluate_samplers, format_table, write_results
-from difflab.cli.common import config_dir, flush_denormals, to_container
+from difflab.cli.common import config_dir, setup_process, to_container
 from difflab.cli.metrics import build_metrics
 from difflab.cli.sample import load_checkpoint, module_from_checkpoint, resolve_device
 from difflab.data.transforms import to_model_range
@@ -176,7 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    flush_denormals()
+    setup_process()
     evaluate(cfg)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
 from difflab.cli.build import build_module
-from difflab.cli.common import config_dir, flush_denormals
+from difflab.cli.common import config_dir, setup_process
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule, ScoreModule
 from difflab.lit.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, safe_load
@@ -168,7 +168,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    flush_denormals()
+    setup_process()
     sample(cfg)
 
 

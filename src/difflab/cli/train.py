@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from difflab.cli.build import build_module, build_trainer
 from difflab.cli.cluster import hand_signal_to_lightning
-from difflab.cli.common import config_dir, flush_denormals, to_container
+from difflab.cli.common import config_dir, setup_process, to_container
 from difflab.cli.runs import run_status
 
 log = logging.getLogger("difflab")
@@ -118,7 +118,7 @@ def optimized_value(metrics: Mapping[str, float], name: str | None) -> float | N
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Train; <run dir>/status.json records the outcome (read by difflab-report); returns optimized_metric."""
-    flush_denormals()
+    setup_process()
     with run_status(Path(cfg.paths.output_dir), enabled=rank_zero_only.rank == 0) as status:
         check_optimized_metric(cfg)
         status["metrics"] = metrics = train(cfg, status)

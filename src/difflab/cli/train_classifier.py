@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from difflab.cli.build import build_trainer
 from difflab.cli.classifier_io import load_classifier, save_atomic, train_command
-from difflab.cli.common import config_dir, to_container
+from difflab.cli.common import config_dir, setup_process, to_container
 from difflab.lit.classifier import ClassifierModule
 
 __all__ = ["build_classifier_module", "load_classifier", "main", "train_classifier", "train_command"]
@@ -76,6 +76,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float | str]:
 
 @hydra.main(config_path=config_dir(), config_name="train_classifier", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    setup_process()
     train_classifier(cfg)
 
 
