@@ -1,6 +1,8 @@
 """The systems `bench.py` compares: difflab and its peers, each driven the way its users drive it.
 
-Each system offers train_step() (forward + loss + backward + optimizer step), forward() (no-grad
+Each system offers train_step() (forward + loss + backward + optimizer step + the EMA update each
+tool's own training loop makes: difflab's AveragedModel, diffusers' EMAModel as its
+train_unconditional example with --use_ema, lucidrains' Trainer's ema_pytorch EMA), forward() (no-grad
 network evaluation in eval mode) and ddim() (a full DDIM-50 sample of a batch through the tool's
 own sampler). Peers are optional benchmark dependencies (`pip install -e ".[bench]"`).
 """
@@ -57,6 +59,7 @@ class Difflab:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.module.ema.update_parameters(self.net)  # what DiffusionModule.optimizer_step adds
 
     def forward(self, batch: int, precision: str) -> None:
         x, t = torch.randn(batch, *self.shape), torch.randint(0, 1000, (batch,))
@@ -89,8 +92,11 @@ class Diffusers:
 
     def __init__(self, *, ch: int, batch: int, ddim_steps: int) -> None:
         from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
+        from diffusers.training_utils import EMAModel
 
         self.net = diffusers_unet(ch)
+        # train_unconditional.py --use_ema with its defaults (ema_max_decay 0.9999, inv_gamma 1, power 3/4)
+        self.ema = EMAModel(self.net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
         kw = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
         self.scheduler = DDPMScheduler(**kw)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=2e-4)
@@ -110,6 +116,7 @@ class Diffusers:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.ema.step(self.net.parameters())
 
     def forward(self, batch: int, precision: str) -> None:
         x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
@@ -137,6 +144,7 @@ class Lucidrains:
     def __init__(self, *, batch: int, ddim_steps: int, image_size: int = 8) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
         from denoising_diffusion_pytorch import GaussianDiffusion
+        from ema_pytorch import EMA
 
         self.net = lucidrains_unet()
         self.diffusion = GaussianDiffusion(
@@ -144,6 +152,7 @@ class Lucidrains:
             objective="pred_noise", beta_schedule="linear",
         )
         self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
+        self.ema = EMA(self.diffusion, beta=0.995, update_every=10)  # its Trainer's defaults
         self.image_size = image_size
         g = torch.Generator().manual_seed(0)
         self.x01 = torch.rand(batch, 1, image_size, image_size, generator=g)  # it normalises [0, 1] itself
@@ -155,6 +164,7 @@ class Lucidrains:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
 
     def forward(self, batch: int, precision: str) -> None:
         s = self.image_size

@@ -149,7 +149,7 @@ print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
 for _ in range(2):
     torch.empty(16 << 20).fill_(1.0)  # 64 MB: the first uses fault their pages in either way
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     torch.empty(16 << 20).fill_(1.0)  # freed at once
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -163,8 +163,9 @@ def _faults(mode: str, env: dict | None = None) -> tuple[str, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_page_faults_on_reallocation():
-    # glibc's default unmaps each freed 64 MB block, so every new one faults ~16k pages in again
-    assert _faults("default")[1] > 5 * 8000
+    # glibc's default unmaps each freed 64 MB block, so every new one faults its 16k pages in again
+    default = _faults("default")[1]
+    assert default > 10 * 15000
     flag, faults = _faults("keep")
-    assert flag == "True" and faults < 1000
+    assert flag == "True" and faults < default / 3  # reused: mostly none (seen 0-2 blocks' worth)
     assert _faults("keep", {"DIFFLAB_MALLOC": "default"})[0] == "False"
