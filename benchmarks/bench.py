@@ -82,6 +82,7 @@ def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, d
                 conn.send(("ok", counter.get_total_flops() / batch))
             else:
                 run = {"train": lambda: system.train_step(precision),
+                       "train_ema": lambda: (system.train_step(precision), system.ema_update()),
                        "forward": lambda: system.forward(size, precision),
                        "ddim": lambda: system.ddim(size, precision)}[cmd]
                 start = time.perf_counter()
@@ -219,6 +220,9 @@ def run(args: argparse.Namespace) -> dict:
             warm = 2 if full_size else 0  # first steps allocate and fault pages
             res = compare(ours, peer, "train", repeats=reps, n=steps, size=batch, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "train img/s", prec, batch, res, per_call=batch))
+            res = compare(ours, peer, "train_ema", repeats=reps, n=steps, size=batch, warmup=0)
+            rows.append(_row("CIFAR-10 U-Net vs diffusers", "train + EMA update img/s", prec, batch, res,
+                             per_call=batch))
             mem = {w.kind: w.ask("peak_mb") for w in (ours, peer)}
             rows.append({"pair": "CIFAR-10 U-Net vs diffusers", "what": "train peak RSS MB", "precision": prec,
                          "batch": batch, "ours": mem["difflab-cifar"], "peer": mem["diffusers"],

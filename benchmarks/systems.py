@@ -1,8 +1,9 @@
 """The systems `bench.py` compares: difflab and its peers, each driven the way its users drive it.
 
-Each system offers train_step() (forward + loss + backward + optimizer step + the EMA update each
-tool's own training loop makes: difflab's AveragedModel, diffusers' EMAModel as its
-train_unconditional example with --use_ema, lucidrains' Trainer's ema_pytorch EMA), forward() (no-grad
+Each system offers train_step() (forward + loss + backward + optimizer step), ema_update() (the
+EMA update each tool's own training loop makes after it: difflab's AveragedModel, diffusers'
+EMAModel as its train_unconditional example with --use_ema, lucidrains' Trainer's ema_pytorch EMA;
+every system holds its EMA copy from the start, as in training), forward() (no-grad
 network evaluation in eval mode) and ddim() (a full DDIM-50 sample of a batch through the tool's
 own sampler). Peers are optional benchmark dependencies (`pip install -e ".[bench]"`).
 """
@@ -59,6 +60,8 @@ class Difflab:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def ema_update(self) -> None:
         self.module.ema.update_parameters(self.net)  # what DiffusionModule.optimizer_step adds
 
     def forward(self, batch: int, precision: str) -> None:
@@ -116,6 +119,8 @@ class Diffusers:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def ema_update(self) -> None:
         self.ema.step(self.net.parameters())
 
     def forward(self, batch: int, precision: str) -> None:
@@ -164,6 +169,8 @@ class Lucidrains:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def ema_update(self) -> None:
         self.ema.update()
 
     def forward(self, batch: int, precision: str) -> None:

@@ -103,6 +103,10 @@ def test_difflab_bench_system_trains_and_samples():
     before = [p.detach().clone() for p in s.net.parameters()]
     s.train_step("fp32")
     assert any(not torch.equal(a, p) for a, p in zip(before, s.net.parameters()))
+    ema = s.module.ema
+    assert int(ema.n_averaged) == 0
+    s.ema_update()
+    assert int(ema.n_averaged) == 1 and all(torch.equal(e, p) for e, p in zip(ema.module.parameters(), s.net.parameters()))
     s.forward(3, "fp32")
     s.ddim(2, "fp32")
     assert s.optimizer.defaults.get("fused") is True  # conf/optimizer/adamw.yaml
