@@ -19,7 +19,7 @@ from difflab.samplers.base import Callback, ModelFn, Sampler
 from difflab.samplers.ddim import DDIM
 from difflab.samplers.ddpm import DDPM
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
-from difflab.samplers.precision import precast_for_autocast, sampling_autocast
+from difflab.samplers.precision import sampling_autocast, sampling_net
 
 Objective = SimpleLoss | HybridLoss | VLBLoss
 Labels = Sequence[int] | Tensor | None
@@ -172,7 +172,7 @@ class DiffusionModule(TrainingModule):
         net.eval()
         x_T, generators = self.initial_noise(net, seeds)
         y = self._sample_labels(labels, len(seeds), need=classifier is not None and classifier_scale > 0)
-        model_fn = precast_for_autocast(net)  # under bf16/fp16 autocast: weights cast once, not per step
+        model_fn = sampling_net(net)  # weights cast (autocast) and prepacked (CPU) once, not per step
         if self.num_classes is not None and y is not None:
             model_fn = classifier_free_guidance(model_fn, y, null_label=self.num_classes, guidance_scale=guidance_scale,
                                                 mean_channels=net.in_channels)

@@ -13,7 +13,7 @@ from difflab.diffusion.sde import NoiseFamily
 from difflab.lit.base import OptimizerFactory, TrainingModule
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.families import check_sampler_fits
-from difflab.samplers.precision import precast_for_autocast, sampling_autocast
+from difflab.samplers.precision import sampling_autocast, sampling_net
 
 
 class ScoreModule(TrainingModule):
@@ -101,7 +101,7 @@ class ScoreModule(TrainingModule):
         x_T, generators = self.initial_noise(net, seeds)
         try:
             with sampling_autocast(precision, self.device.type):
-                return sampler(precast_for_autocast(net), x_T, self.sde, parameterization=self.parameterization,
+                return sampler(sampling_net(net), x_T, self.sde, parameterization=self.parameterization,
                                generator=generators, callback=callback)
         finally:
             net.train(was_training)

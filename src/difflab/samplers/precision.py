@@ -1,19 +1,20 @@
-"""Sampling precision: the autocast a network runs under while a sampler calls it, cast once.
+"""How a sampler's network runs: its precision (autocast) and weights prepared once per sampling call.
 
 Precision names are Lightning's (32, bf16-mixed, 16-mixed). Under autocast every conv/linear call
-casts its float32 weight to the autocast dtype; `precast_for_autocast` does those casts once per
-sampling call, so a 50-1000 step sampler does not pay them at every step.
+casts its float32 weight to the autocast dtype, and on CPU oneDNN reorders every conv weight at
+every call; `sampling_net` does that work once per sampling call, so a 50-1000 step sampler does
+not pay it at every step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import copy
 from typing import Any, ContextManager
 
 import torch
-from torch import nn
-from torch.func import functional_call
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 # sampling precisions by Lightning's names: None runs float32 without autocast
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -22,33 +23,113 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-# the layers whose weights and bias autocast casts to its lower-precision dtype at every call
-# (convolutions and linear layers are on its lower-precision list; norms and embeddings are not)
-_AUTOCAST_LOWP_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                         nn.ConvTranspose3d, nn.Linear)
+def _mkldnn_prepack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can run CPU convolutions of this dtype from a prepacked weight."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return True
+    try:  # bf16 only where oneDNN has native kernels (AVX512-BF16 / AMX)
+        return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def precast_for_autocast(net: nn.Module) -> Callable[..., Any]:
-    """`net` as the active autocast runs it, with the casts autocast repeats at every call done once.
+def _strictly_channels_last(t: Tensor) -> bool:
+    """NHWC strides that are not also NCHW ones (a C=1 or 1x1 tensor is both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
-    Autocast casts a float32 conv/linear weight to its dtype at every call and caches the cast only
-    for leaves that require grad, so an EMA net (requires_grad=False) sampled for 50-1000 steps
-    recasts all its weights each step. Returned: a callable running `net` with those weights and
-    biases pre-cast (`torch.func.functional_call`), which computes exactly what autocast computes;
-    `net` itself when no autocast is active on its device or it has nothing to cast.
+
+class PrepackedConv2d(nn.Module):
+    """A frozen Conv2d for inference: weight cast once and, on CPU, reordered once per input shape for oneDNN.
+
+    `F.conv2d` on CPU reorders the weight into oneDNN's blocked layout at every call; a sampler calls
+    the same convolution with the same input shape 50-1000 times, so the reorder is done once
+    (`torch.ops.mkldnn._reorder_convolution_weight`, the prepacking inductor's freezing uses).
+    Prepacks undilated, ungrouped convolutions of channels_last inputs or weights
+    (`UNet(channels_last=True)`; the ones torch runs through oneDNN's NHWC path): the same outputs as `F.conv2d` bit for bit (tests/test_sampling_precision.py);
+    anything else runs `F.conv2d` with the cast weight. No autograd.
+    """
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"PrepackedConv2d takes zero-padded convolutions, not padding_mode={conv.padding_mode!r}")
+        self.weight = conv.weight.detach().to(dtype)  # plain attributes: never trained or saved
+        self.bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        # the convolutions torch itself runs through oneDNN's NHWC path, so results stay bit for bit
+        self.prepack = (conv.weight.device.type == "cpu" and not isinstance(conv.padding, str)
+                        and conv.groups == 1 and all(d == 1 for d in conv.dilation) and _mkldnn_prepack(dtype))
+        self._weight_nhwc = _strictly_channels_last(self.weight)
+        self._kernel = tuple(self.weight.shape[-2:])
+        self._packed: dict[tuple[int, ...], Tensor] = {}  # input shape -> reordered weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        # torch takes oneDNN's NHWC path when the input or the weight is channels_last (and only then
+        # are the results the same bit for bit); an ambiguous layout (C=1, 1x1) follows the other
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and (self._weight_nhwc or _strictly_channels_last(x))
+        if not (self.prepack and nhwc) or (self.weight.dtype == torch.float32 and not self._onednn_fp32(x)):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x = x.to(self.weight.dtype)  # what autocast does to a conv input
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        packed = self._packed.get(tuple(x.shape))
+        if packed is None:
+            packed = self._packed[tuple(x.shape)] = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, *args, list(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
+
+    def _onednn_fp32(self, x: Tensor) -> bool:
+        """torch's rule (ConvParams::use_mkldnn) for an ungrouped float32 convolution: small ones stay native."""
+        (kh, kw), n = self._kernel, x.shape[0]
+        pointwise, strided = (kh, kw) == (1, 1), any(s != 1 for s in self.stride)
+        if not (strided or n >= 16 or not pointwise or torch.get_num_threads() > 1):
+            return False
+        return (kh > 3 and kw > 3) or n > 1 or x.numel() > 20480
+
+
+class CastLinear(nn.Module):
+    """A frozen Linear with its weight and bias cast once to the autocast dtype (autocast casts the input)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = linear.weight.detach().to(dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def sampling_net(net: nn.Module) -> nn.Module:
+    """`net` as one sampling call should run it: the same outputs bit for bit, without per-step weight work.
+
+    Under autocast every float32 conv/linear weight is cast at every call, and the casts are cached
+    only for leaves that require grad, which an EMA copy does not: a 50-step sampler recast the
+    whole network 50 times. On CPU oneDNN also reorders every conv weight at every call. Returned:
+    a structural copy of `net` sharing its tensors, whose Conv2d and Linear layers hold their
+    weights cast once to the active autocast dtype (float32 without autocast) and whose CPU
+    convolutions are prepacked (`PrepackedConv2d`); `net` itself when there is nothing to gain
+    (no parameters, compiled, or no autocast and not on CPU). Other layers keep autocast's
+    per-call casts (norms and embeddings stay float32 under autocast anyway). Inference only: no
+    autograd through the copy.
     """
     first = next(net.parameters(), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    if first is None or getattr(net, "_compiled_call_impl", None) is not None:  # torch.compile'd: as it is
         return net
-    dtype = torch.get_autocast_dtype(first.device.type)
-    cast = {
-        f"{name}.{p_name}" if name else p_name: p.detach().to(dtype)
-        for name, module in net.named_modules() if isinstance(module, _AUTOCAST_LOWP_LAYERS)
-        for p_name, p in module.named_parameters(recurse=False) if p.dtype == torch.float32
-    }
-    if not cast:
+    device = first.device.type
+    lowp = torch.is_autocast_enabled(device)
+    if not lowp and device != "cpu":
         return net
-    return lambda *args, **kwargs: functional_call(net, cast, args, kwargs, strict=False)
+    dtype = torch.get_autocast_dtype(device) if lowp else torch.float32
+    shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
+    fast = copy.deepcopy(net, memo=dict(shared))  # modules copied, tensors shared
+    for module in list(fast.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Conv2d) and child.weight.dtype == torch.float32 and child.padding_mode == "zeros":
+                setattr(module, name, PrepackedConv2d(child, dtype))
+            elif lowp and isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+                setattr(module, name, CastLinear(child, dtype))
+    return fast
 
 
 def autocast_dtype(precision: str | int) -> torch.dtype | None:
