@@ -84,6 +84,7 @@ def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, d
                 run = {"train": lambda: system.train_step(precision),
                        "train_ema": lambda: (system.train_step(precision), system.ema_update()),
                        "forward": lambda: system.forward(size, precision),
+                       "sampler_forward": lambda: system.sampler_forward(size, precision),
                        "ddim": lambda: system.ddim(size, precision)}[cmd]
                 start = time.perf_counter()
                 for _ in range(n):
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace) -> dict:
             fb = args.forward_batch if full_size else args.bf16_batch
             res = compare(ours, peer, "forward", repeats=reps, n=1, size=fb, warmup=warm)
             rows.append(_row("CIFAR-10 U-Net vs diffusers", "no-grad forward img/s", prec, fb, res, per_call=fb))
+            res = compare(ours, peer, "sampler_forward", repeats=reps, n=1, size=fb, warmup=max(warm, 1))
+            rows.append(_row("CIFAR-10 U-Net vs diffusers", "sampler-step forward img/s", prec, fb, res, per_call=fb))
             if prec == "fp32" or args.bf16_ddim:
                 res = compare(ours, peer, "ddim", repeats=reps, n=1, size=args.ddim_batch, warmup=0)
                 rows.append(_row("CIFAR-10 U-Net vs diffusers", f"DDIM-{args.ddim_steps} sample img/s", prec,

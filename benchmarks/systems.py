@@ -3,7 +3,8 @@
 Each system offers train_step() (forward + loss + backward + optimizer step), ema_update() (the
 EMA update each tool's own training loop makes after it: difflab's AveragedModel, diffusers'
 EMAModel as its train_unconditional example with --use_ema, lucidrains' Trainer's ema_pytorch EMA;
-every system holds its EMA copy from the start, as in training), forward() (no-grad
+every system holds its EMA copy from the start, as in training), sampler_forward() (one network
+call as the tool's sampler makes it: difflab's through `sampling_net`), forward() (no-grad
 network evaluation in eval mode) and ddim() (a full DDIM-50 sample of a batch through the tool's
 own sampler). Peers are optional benchmark dependencies (`pip install -e ".[bench]"`).
 """
@@ -52,6 +53,7 @@ class Difflab:
         self.ddim_steps = ddim_steps
         g = torch.Generator().manual_seed(0)
         self.x0 = torch.rand(batch, *self.shape, generator=g) * 2 - 1
+        self._sampling_net = None
 
     def train_step(self, precision: str) -> None:
         self.module.train()
@@ -69,6 +71,17 @@ class Difflab:
         self.net.eval()
         with torch.inference_mode(), autocast(precision):
             self.net(x, t)
+
+    def sampler_forward(self, batch: int, precision: str) -> None:
+        """One network call as a sampling step makes it: the EMA net through `sampling_net`, prepared once."""
+        from difflab.samplers.precision import sampling_net
+
+        x, t = torch.randn(batch, *self.shape), torch.randint(0, 1000, (batch,))
+        net = self.module.ema.module.eval()
+        with torch.inference_mode(), autocast(precision):
+            if self._sampling_net is None:  # once per sampling call in DiffusionModule.sample
+                self._sampling_net = sampling_net(net)
+            self._sampling_net(x, t)
 
     def ddim(self, batch: int, precision: str) -> None:
         from difflab.samplers import DDIM
@@ -129,6 +142,8 @@ class Diffusers:
         with torch.inference_mode(), autocast(precision):
             self.net(x, t)
 
+    sampler_forward = forward  # DDIMPipeline calls the UNet as it is
+
     def ddim(self, batch: int, precision: str) -> None:
         self.net.eval()  # DDIMPipeline leaves the mode alone; sampling with dropout on would be wrong and slower
         with autocast(precision):
@@ -179,6 +194,8 @@ class Lucidrains:
         self.net.eval()
         with torch.inference_mode(), autocast(precision):
             self.net(x, t)
+
+    sampler_forward = forward  # its sampler calls the Unet as it is
 
     def ddim(self, batch: int, precision: str) -> None:
         self.diffusion.eval()
