@@ -47,8 +47,10 @@ class PrepackedConv2d(nn.Module):
     the same convolution with the same input shape 50-1000 times, so the reorder is done once
     (`torch.ops.mkldnn._reorder_convolution_weight`, the prepacking inductor's freezing uses).
     Prepacks undilated, ungrouped convolutions of channels_last inputs or weights
-    (`UNet(channels_last=True)`; the ones torch runs through oneDNN's NHWC path): the same outputs as `F.conv2d` bit for bit (tests/test_sampling_precision.py);
-    anything else runs `F.conv2d` with the cast weight. No autograd.
+    (`UNet(channels_last=True)`; the ones torch runs through oneDNN's NHWC path, with torch's
+    float32 size rule mirrored), so the outputs equal `F.conv2d`'s bit for bit
+    (tests/test_sampling_precision.py); anything else runs `F.conv2d` with the cast weight.
+    No autograd.
     """
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype) -> None:
