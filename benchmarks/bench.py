@@ -157,13 +157,10 @@ def matmul_peak(dtype_name: str, threads: int, n: int, repeats: int = 5) -> floa
 
 
 def bf16_hardware() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 is ~50x slower."""
-    import torch
+    """Whether oneDNN has native bf16 kernels on this CPU (difflab's own check, which sampling uses)."""
+    from difflab.samplers.precision import onednn_bf16
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return onednn_bf16()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

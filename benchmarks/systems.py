@@ -53,7 +53,7 @@ class Difflab:
         self.ddim_steps = ddim_steps
         g = torch.Generator().manual_seed(0)
         self.x0 = torch.rand(batch, *self.shape, generator=g) * 2 - 1
-        self._sampling_net = None
+        self._sampling_nets: dict[str, torch.nn.Module] = {}  # precision -> the prepared EMA net
 
     def train_step(self, precision: str) -> None:
         self.module.train()
@@ -79,9 +79,9 @@ class Difflab:
         x, t = torch.randn(batch, *self.shape), torch.randint(0, 1000, (batch,))
         net = self.module.ema.module.eval()
         with torch.inference_mode(), autocast(precision):
-            if self._sampling_net is None:  # once per sampling call in DiffusionModule.sample
-                self._sampling_net = sampling_net(net)
-            self._sampling_net(x, t)
+            if precision not in self._sampling_nets:  # once per sampling call in DiffusionModule.sample
+                self._sampling_nets[precision] = sampling_net(net)
+            self._sampling_nets[precision](x, t)
 
     def ddim(self, batch: int, precision: str) -> None:
         from difflab.samplers import DDIM

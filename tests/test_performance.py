@@ -109,7 +109,7 @@ def test_difflab_bench_system_trains_and_samples():
     assert int(ema.n_averaged) == 1 and all(torch.equal(e, p) for e, p in zip(ema.module.parameters(), s.net.parameters()))
     s.forward(3, "fp32")
     s.sampler_forward(3, "fp32")
-    assert s._sampling_net is not None and s._sampling_net is not s.module.ema.module  # prepared once, a copy
+    assert s._sampling_nets["fp32"] is not s.module.ema.module  # prepared once, a copy
     s.ddim(2, "fp32")
     assert s.optimizer.defaults.get("fused") is True  # conf/optimizer/adamw.yaml
 

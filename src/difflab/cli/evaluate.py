@@ -135,8 +135,7 @@ def heldout_ode_bpd(cfg: DictConfig, module, datamodule, device: torch.device) -
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate everything, then score every sampler; rank zero writes metrics.json and the NFE table."""
     samplers = {spec: parse_sampler(spec) for spec in cfg.samplers}
-    precision = cfg.get("precision", 32)
-    autocast_dtype(precision)  # a bad name fails before anything loads
+    autocast_dtype(cfg.precision)  # a bad name fails before anything loads
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size}: need num_samples >= 2, batch_size >= 1")
     rank, world, device = init_distributed(cfg.device)
@@ -155,7 +154,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.set_reference(reference_stats(cfg, datamodule, metrics.extractor, dataset, rank, world))
     rows = evaluate_samplers(module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples,
                              batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema,
-                             guidance_scales=guidance_scales, num_classes=module.num_classes, precision=precision)
+                             guidance_scales=guidance_scales, num_classes=module.num_classes, precision=cfg.precision)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:

@@ -105,7 +105,7 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
         stem += f"_label{label if isinstance(label, int) else 'list'}_w{kwargs['guidance_scale']:g}"
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
-    if autocast_dtype(cfg.get("precision", 32)) is not None:  # reduced-precision samples never overwrite float32 ones
+    if autocast_dtype(cfg.precision) is not None:  # reduced-precision samples never overwrite float32 ones
         stem += f"_{cfg.precision}"
     return stem
 
@@ -134,7 +134,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     """Validate everything, then stream batches of samples into one uint8 array; return written paths."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
-    autocast_dtype(cfg.get("precision", 32))  # a bad name fails before the checkpoint loads
+    autocast_dtype(cfg.precision)  # a bad name fails before the checkpoint loads
     sampler = choose_sampler(cfg, checkpoint_family(cfg.ckpt_path))
     device = resolve_device(cfg.device)
     module = module_from_checkpoint(cfg.ckpt_path, device)
@@ -150,8 +150,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     for start in range(0, cfg.num_samples, cfg.batch_size):
         seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_samples))
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
-        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels,
-                          precision=cfg.get("precision", 32), **kwargs)
+        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels, precision=cfg.precision, **kwargs)
         batches.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
         log.info("sampled %d / %d with %s", start + len(seeds), cfg.num_samples, sampler.name)
     images = np.concatenate(batches)

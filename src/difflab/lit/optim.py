@@ -14,17 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _strictly_nhwc(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+from difflab.samplers.precision import strictly_channels_last
 
 
 def dense_views(tensors: list[list[Tensor]]) -> int:
-    """Replace, at each index, channels_last tensors (same strides in every list) by contiguous NHWC views; return how many."""
+    """At each index where every list holds a channels_last tensor of the same strides, put in its
+    contiguous NHWC view instead; return how many indices were replaced."""
     replaced = 0
     for i in range(len(tensors[0])):
         column = [ts[i] for ts in tensors]
-        if all(_strictly_nhwc(t) and t.stride() == column[0].stride() for t in column):
+        if all(strictly_channels_last(t) and t.stride() == column[0].stride() for t in column):
             for ts in tensors:
                 ts[i] = ts[i].permute(0, 2, 3, 1)  # (O, kh, kw, I), contiguous, same storage
             replaced += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any, ContextManager
 
 import torch
@@ -23,20 +24,24 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-def _mkldnn_prepack(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can run CPU convolutions of this dtype from a prepacked weight."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return False
-    if dtype == torch.float32:
-        return True
-    try:  # bf16 only where oneDNN has native kernels (AVX512-BF16 / AMX)
-        return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 is ~50x slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def _strictly_channels_last(t: Tensor) -> bool:
-    """NHWC strides that are not also NCHW ones (a C=1 or 1x1 tensor is both)."""
+def _mkldnn_prepack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can run CPU convolutions of this dtype from a prepacked weight."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16())
+
+
+def strictly_channels_last(t: Tensor) -> bool:
+    """NHWC strides that are not also NCHW ones (a C=1 or 1x1 tensor is both; other ranks are neither)."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
@@ -63,23 +68,23 @@ class PrepackedConv2d(nn.Module):
         # the convolutions torch itself runs through oneDNN's NHWC path, so results stay bit for bit
         self.prepack = (conv.weight.device.type == "cpu" and not isinstance(conv.padding, str)
                         and conv.groups == 1 and all(d == 1 for d in conv.dilation) and _mkldnn_prepack(dtype))
-        self._weight_nhwc = _strictly_channels_last(self.weight)
+        self._weight_nhwc = strictly_channels_last(self.weight)
         self._kernel = tuple(self.weight.shape[-2:])
+        self._args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)  # oneDNN op order
         self._packed: dict[tuple[int, ...], Tensor] = {}  # input shape -> reordered weight
 
     def forward(self, x: Tensor) -> Tensor:
         # torch takes oneDNN's NHWC path when the input or the weight is channels_last (and only then
         # are the results the same bit for bit); an ambiguous layout (C=1, 1x1) follows the other
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and (self._weight_nhwc or _strictly_channels_last(x))
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and (self._weight_nhwc or strictly_channels_last(x))
         if not (self.prepack and nhwc) or (self.weight.dtype == torch.float32 and not self._onednn_fp32(x)):
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         x = x.to(self.weight.dtype)  # what autocast does to a conv input
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         packed = self._packed.get(tuple(x.shape))
         if packed is None:
             packed = self._packed[tuple(x.shape)] = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, *args, list(x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
+                self.weight, *self._args, list(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *self._args, "none", [], "")
 
     def _onednn_fp32(self, x: Tensor) -> bool:
         """torch's rule (ConvParams::use_mkldnn) for an ungrouped float32 convolution: small ones stay native."""
