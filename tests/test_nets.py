@@ -200,9 +200,13 @@ def test_scale_shift_norm_block_matches_its_formula():
     nn.init.normal_(block.conv2.weight)  # zero-initialised: give the output path a non-trivial map
     assert block.temb_proj.out_features == 32
     x, temb = torch.randn(2, 8, 4, 4), torch.randn(2, 12)
-    h = block.conv1(nn.functional.silu(block.norm1(x)))
+    def gn(norm, v):  # the plain GroupNorm of a norm layer (norm1 applies SiLU itself)
+        return nn.functional.group_norm(v, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+    assert block.norm1.act == "silu" and block.norm2.act == "none"  # FiLM sits between norm2 and its SiLU
+    h = block.conv1(nn.functional.silu(gn(block.norm1, x)))
     scale, shift = block.temb_proj(nn.functional.silu(temb))[:, :, None, None].chunk(2, dim=1)
-    ref = block.skip(x) + block.conv2(nn.functional.silu(block.norm2(h) * (1 + scale) + shift))
+    ref = block.skip(x) + block.conv2(nn.functional.silu(gn(block.norm2, h) * (1 + scale) + shift))
     torch.testing.assert_close(block(x, temb), ref)
     net = tiny_unet(scale_shift_norm=True).train()  # every parameter, the FiLM projections included, learns
     net(torch.randn(3, 1, 8, 8), torch.rand(3) * 1000).square().mean().backward()

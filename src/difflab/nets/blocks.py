@@ -9,11 +9,13 @@ zero, so every residual branch is the identity at initialisation.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.nets.dropout import Dropout
+from difflab.nets.group_norm import GroupNorm
 
 GROUP_NORM_EPS = 1e-6  # as the DDPM TF code and diffusers' google/ddpm-cifar10-32 config
 
@@ -25,9 +27,9 @@ def num_groups(channels: int, *, max_groups: int = 32) -> int:
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm (Wu & He 2018) with `num_groups(channels)` groups, eps 1e-6."""
-    return nn.GroupNorm(num_groups(channels), channels, eps=GROUP_NORM_EPS)
+def group_norm(channels: int, *, act: Literal["none", "silu"] = "none") -> GroupNorm:
+    """GroupNorm (Wu & He 2018) with `num_groups(channels)` groups, eps 1e-6, then `act` (fused on CPU NHWC)."""
+    return GroupNorm(num_groups(channels), channels, eps=GROUP_NORM_EPS, act=act)
 
 
 def ddpm_init_(layer: nn.Conv2d | nn.Linear, *, scale: float = 1.0) -> None:
@@ -70,10 +72,11 @@ class ResBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.scale_shift_norm = bool(scale_shift_norm)
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, act="silu")
         self.conv1 = conv2d(in_channels, out_channels, kernel_size=3)
         self.temb_proj = linear(temb_channels, 2 * out_channels if self.scale_shift_norm else out_channels)
-        self.norm2 = group_norm(out_channels)
+        # SiLU follows the norm directly unless the FiLM scale/shift comes between them
+        self.norm2 = group_norm(out_channels, act="none" if self.scale_shift_norm else "silu")
         self.dropout = Dropout(dropout)
         self.conv2 = conv2d(out_channels, out_channels, kernel_size=3, scale=0.0)
         same = in_channels == out_channels
@@ -81,14 +84,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         # x: (B, C_in, H, W), temb: (B, T)
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv1(self.norm1(x))  # silu(norm1(x)): (B, C_out, H, W)
         emb = self.temb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
         if self.scale_shift_norm:
             scale, shift = emb.chunk(2, dim=1)  # each (B, C_out, 1, 1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = self.dropout(F.silu(self.norm2(h) * (1 + scale) + shift))
         else:
-            h = self.norm2(h + emb)
-        h = self.conv2(self.dropout(F.silu(h)))  # (B, C_out, H, W)
+            h = self.norm2(h + emb, self.dropout)  # dropout(silu(norm2(h + emb))), one kernel on CPU NHWC
+        h = self.conv2(h)  # (B, C_out, H, W)
         return self.skip(x) + h
 
 

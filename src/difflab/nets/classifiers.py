@@ -143,7 +143,7 @@ class NoisyImageClassifier(nn.Module):
                 in_ch = ch * mult
             if level != len(ch_mult) - 1:
                 self.blocks.append(Downsample(channels=in_ch))
-        self.norm_out = group_norm(in_ch)
+        self.norm_out = group_norm(in_ch, act="silu")
         self.head = linear(in_ch, num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -152,5 +152,5 @@ class NoisyImageClassifier(nn.Module):
         h = self.conv_in(x)
         for block in self.blocks:
             h = block(h, temb) if isinstance(block, ResBlock) else block(h)
-        h = nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))  # (B, C')
+        h = self.norm_out(h).mean(dim=(2, 3))  # silu(norm(h)) pooled: (B, C')
         return self.head(h)  # (B, num_classes)

@@ -27,13 +27,17 @@ def keep_threshold(p: float) -> tuple[int, float]:
     return k, _LEVELS / (_LEVELS - k)
 
 
+def uniform_bits(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """(n,) int16 whose low 15 bits are uniform on [0, 2^15): one int32 draw per two elements."""
+    # torch's int32 random_() is uniform on [0, 2^31): each int16 half masked to 15 bits is uniform
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(generator=generator)
+    return bits.view(torch.int16)[:n]
+
+
 def keep_mask(x: Tensor, p: float, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
     """Bool keep mask shaped and laid out like a dense x (P[keep] = q), and the rescale 1/q."""
     k, scale = keep_threshold(p)
-    n = x.numel()
-    # torch's int32 random_() is uniform on [0, 2^31): each int16 half masked to 15 bits is uniform
-    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(generator=generator)
-    keep = (bits.view(torch.int16)[:n] & (_LEVELS - 1)) >= k  # (n,) flat in x's memory order
+    keep = (uniform_bits(x.numel(), x.device, generator) & (_LEVELS - 1)) >= k  # (n,) flat in x's memory order
     return keep.as_strided(x.shape, x.stride()), scale
 
 
@@ -44,9 +48,13 @@ def _is_dense(x: Tensor) -> bool:
 class Dropout(nn.Dropout):
     """nn.Dropout whose CPU training path uses `keep_mask` (same expectation, ~3x faster mask)."""
 
+    def uses_mask(self, x: Tensor) -> bool:
+        """Whether this call draws difflab's 15-bit mask (CPU, training, p > 0, outside torch.compile)."""
+        return (self.training and self.p > 0.0 and x.device.type == "cpu" and not self.inplace
+                and not torch.compiler.is_compiling())
+
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace
-                or torch.compiler.is_compiling()):
+        if not self.uses_mask(x):
             return super().forward(x)
         if not _is_dense(x):
             x = x.contiguous()

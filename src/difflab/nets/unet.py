@@ -124,7 +124,7 @@ class UNet(nn.Module):
         skip_channels = self._build_down(temb_ch)
         self._build_mid(temb_ch)
         self._build_up(temb_ch, skip_channels)
-        self.norm_out = group_norm(ch * self.ch_mult[0])
+        self.norm_out = group_norm(ch * self.ch_mult[0], act="silu")
         self.conv_out = conv2d(ch * self.ch_mult[0], self.out_channels, kernel_size=3, scale=0.0)
         # NHWC activations and weights: oneDNN's convolutions skip their NCHW reorders (faster on CPU,
         # tensor cores on GPU); the math is unchanged (tests/test_nets.py)
@@ -212,7 +212,7 @@ class UNet(nn.Module):
         hs = self._down(self.conv_in(x), temb)
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)  # (B, ch*ch_mult[-1], h, w)
         h = self._up(h, hs, temb)  # (B, ch*ch_mult[0], H, W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+        return self.conv_out(self.norm_out(h))  # conv(silu(norm(h))): (B, C_out, H, W)
 
     def _down(self, h: Tensor, temb: Tensor) -> list[Tensor]:
         hs = [h]  # (B, ch, H, W)
