@@ -5,9 +5,10 @@
     python benchmarks/means.py --net cifar --precision bf16     # under CPU bf16 autocast
     python benchmarks/means.py --net cifar --compile            # also everything under torch.compile
 
-Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel and the
-residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``), each
-against the plain baseline (NCHW, per-tensor AdamW, ``nn.Dropout``). Reported: median over repetitions of (baseline seconds / variant
+Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel, the
+residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``) and
+difflab's NHWC GroupNorm+SiLU(+dropout) kernel (against torch's GroupNorm, SiLU and Dropout ops),
+each against the plain baseline (NCHW, per-tensor AdamW, ``nn.Dropout``). Reported: median over repetitions of (baseline seconds / variant
 seconds) for a training step (forward + loss + backward + optimizer step) and a no-grad forward.
 """
 
@@ -20,19 +21,32 @@ import time
 import torch
 from systems import autocast  # benchmarks/systems.py: bf16 autocast as Lightning's bf16-mixed
 
+import torch.nn.functional as F
+
 from difflab.nets import UNet
 from difflab.nets.dropout import Dropout
+from difflab.nets.group_norm import GroupNorm
 
 NETS = {
     "cifar": dict(image_size=32, in_channels=3),  # ddpm_cifar10: the constructor's defaults
     "digits": dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(4,), dropout=0.0),
 }
-VARIANTS = {  # (channels_last, fused, difflab dropout)
-    "baseline": (False, False, False),
-    "fused": (False, True, False),
-    "channels_last+fused": (True, True, False),
-    "cl+fused+dropout": (True, True, True),
+VARIANTS = {  # (channels_last, fused, difflab dropout, difflab NHWC GroupNorm kernel)
+    "baseline": (False, False, False, False),
+    "fused": (False, True, False, False),
+    "channels_last+fused": (True, True, False, False),
+    "cl+fused+dropout": (True, True, True, False),
+    "cl+fused+dropout+gn": (True, True, True, True),
 }
+
+
+class TorchGroupNorm(GroupNorm):
+    """difflab's GroupNorm through torch's ops only (GroupNorm, SiLU, then the dropout module)."""
+
+    def forward(self, x, dropout=None):
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        y = F.silu(y) if self.act == "silu" else y
+        return y if dropout is None else dropout(y)
 
 
 def _swap(model: torch.nn.Module, cls: type, make) -> None:
@@ -43,11 +57,15 @@ def _swap(model: torch.nn.Module, cls: type, make) -> None:
                 setattr(module, name, make(child))
 
 
-def build(net: str, channels_last: bool, fused: bool, own_dropout: bool):
+def build(net: str, channels_last: bool, fused: bool, own_dropout: bool, gn_kernel: bool):
     torch.manual_seed(0)
     model = UNet(**NETS[net], channels_last=channels_last)
     if not own_dropout:  # torch's bernoulli_ mask, same p
         _swap(model, Dropout, lambda m: torch.nn.Dropout(m.p))
+    if not gn_kernel:
+        for m in model.modules():
+            if isinstance(m, GroupNorm):
+                m.__class__ = TorchGroupNorm
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
 
@@ -84,7 +102,7 @@ def main() -> None:
     x, t = torch.randn(args.batch, channels, size, size), torch.randint(0, 1000, (args.batch,))
     systems = {name: build(args.net, *flags) for name, flags in VARIANTS.items()}
     if args.compile:  # module.compile=true: the training network compiled in place (CPU inductor here)
-        systems["all+torch.compile"] = build(args.net, *VARIANTS["cl+fused+dropout"])
+        systems["all+torch.compile"] = build(args.net, *VARIANTS["cl+fused+dropout+gn"])
         systems["all+torch.compile"][0].compile()
     for model, opt in systems.values():  # warm-up (allocations, optimizer state)
         train_s(model, opt, x, t, args.precision), forward_s(model, x, t, args.precision)

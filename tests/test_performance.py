@@ -175,3 +175,46 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     flag, faults = _faults("keep")
     assert flag == "True" and faults < default / 3  # reused: mostly none (seen 0-2 blocks' worth)
     assert _faults("keep", {"DIFFLAB_MALLOC": "default"})[0] == "False"
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of tensor values into Python (`.item()`, `bool(t)`, `float(t)`): a GPU would sync at each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_read_counter_sees_item_and_bool():
+    with _HostReads() as reads:
+        torch.tensor(1.5).item(), bool(torch.tensor(True))
+    assert reads.count == 2
+
+
+@pytest.mark.parametrize("sampler", ["DDPM", "DDIM", "DPMSolverPP", "Heun"])
+def test_sampler_loops_read_no_tensor_values(sampler):
+    """No host synchronisation in sampling: `DiffusionModule.sample` reads no tensor value into Python at any
+    step (on a GPU each read would stall the stream and break CUDA-graph capture of the step)."""
+    import difflab.samplers as samplers
+
+    module = tiny_module()
+    for steps in (4, 8):
+        with _HostReads() as reads:
+            module.sample(getattr(samplers, sampler)(**({} if sampler == "DDPM" else {"steps": steps})), seeds=range(2))
+        assert reads.count == 0, f"{sampler} with {steps} steps read {reads.count} tensor values on the host"
+
+
+def test_training_loss_reads_no_tensor_values():
+    """The loss, backward and optimizer step of a training step read no tensor values on the host."""
+    module = tiny_module()
+    opt = torch.optim.AdamW(module.net.parameters(), lr=1e-4, fused=True)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    with _HostReads() as reads:
+        module.loss(x0).mean().backward()
+        opt.step()
+    assert reads.count == 0

@@ -36,7 +36,8 @@ from difflab.nets.dropout import Dropout, keep_threshold, uniform_bits
 
 ACTS = ("none", "silu")
 SOURCE = Path(__file__).parent / "kernels" / "group_norm_nhwc.c"
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno") + (
+    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -56,10 +57,15 @@ def kernel_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "difflab" / "kernels"
 
 
+def compiler() -> str | None:
+    """The C compiler the kernel is built with: $CC, else cc or gcc on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def build_kernel(directory: Path | None = None) -> Path:
     """Compile the NHWC GroupNorm kernel for this machine (once; the file name hashes source, flags and CPU)."""
     source = SOURCE.read_text()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH; set CC or DIFFLAB_GROUP_NORM=torch")
     digest = hashlib.sha256("\0".join([source, cc, *CFLAGS, _machine_key()]).encode()).hexdigest()[:16]
