@@ -227,3 +227,11 @@ def test_fused_dropout_is_difflab_dropout_after_the_norm(dtype):
     torch.manual_seed(5)
     a = group_norm_act(x, 32, w, b, 1e-6, "silu", dropout=torch.nn.Dropout(0.5))
     assert 0.4 < (a == 0).float().mean().item() < 0.6
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_kernel_shares_torchs_openmp_runtime():
+    """The kernel's OpenMP threads are torch's (one libgomp mapped), so the two never oversubscribe the cores."""
+    assert kernel_available()
+    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(mapped) <= 1, mapped
