@@ -44,8 +44,12 @@ def test_fast_solvers_use_the_mean_channels_of_a_learned_variance_model(sampler)
 def test_classifier_guidance_with_a_fast_solver_is_refused():
     m = DiffusionModule(net=_net(num_classes=3), betas=cosine_betas(20), optimizer=torch.optim.Adam)
     classifier = lambda x_t, t: torch.zeros(x_t.shape[0], 3, requires_grad=True)  # noqa: E731
+    m.ema.module.train()
     with pytest.raises(ValueError, match="classifier guidance .* ddpm and ddim samplers, not 'dpmpp-5'"):
         m.sample(DPMSolverPP(steps=5), [0], labels=[1], classifier=classifier, classifier_scale=1.0)
+    with pytest.raises(ValueError, match="classifier guidance needs labels"):
+        m.sample(DDIM(steps=5), [0], classifier=classifier, classifier_scale=1.0)
+    assert m.ema.module.training  # refused calls leave the net's mode as it was
     # classifier-free guidance works with the fast solver
     assert m.sample(DPMSolverPP(steps=5), [0, 1], labels=[1, 2], guidance_scale=3.0).shape == (2, 1, 8, 8)
 

@@ -161,35 +161,41 @@ class DiffusionModule(TrainingModule):
         16-mixed runs the network under autocast (weights cast once per call, not per step); None or
         32 keeps the caller's context.
         """
+        ancestral = isinstance(sampler, (DDPM, DDIM))  # the samplers that take Sigma_theta and cond_fn
+        if classifier is not None and classifier_scale > 0 and not ancestral:
+            raise ValueError(f"classifier guidance (classifier_scale={classifier_scale}) is implemented for the "
+                             f"ddpm and ddim samplers, not {sampler.name!r}; use classifier-free guidance "
+                             "(guidance_scale) with this sampler, or sampler=ddpm|ddim")
         with sampling_autocast(precision, self.device.type):  # a bad precision fails here, first
             net = self.ema.module if use_ema else self.net
             was_training = net.training
             net.eval()
-            x_T, generators = self.initial_noise(net, seeds)
-            y = self._sample_labels(labels, len(seeds), need=classifier is not None and classifier_scale > 0)
-            model_fn = sampling_net(net)  # weights cast (autocast) and prepacked (CPU) once, not per step
-            if self.num_classes is not None and y is not None:
-                model_fn = classifier_free_guidance(model_fn, y, null_label=self.num_classes,
-                                                    guidance_scale=guidance_scale, mean_channels=net.in_channels)
-            extra: dict = {}
-            ancestral = isinstance(sampler, (DDPM, DDIM))  # the samplers that take Sigma_theta and cond_fn
-            if self.model_variance != "fixed" and ancestral:
-                extra["model_variance"] = self.model_variance
-            elif self.model_variance != "fixed":  # ODE/SDE solvers need only the mean (eps) channels
-                model_fn = _mean_channels(model_fn, net.in_channels)
-            if classifier is not None and classifier_scale > 0:
-                if not ancestral:
-                    raise ValueError(f"classifier guidance (classifier_scale={classifier_scale}) is implemented for the "
-                                     f"ddpm and ddim samplers, not {sampler.name!r}; use classifier-free guidance "
-                                     "(guidance_scale) with this sampler, or sampler=ddpm|ddim")
-                extra["cond_fn"] = classifier_grad(classifier, y, scale=classifier_scale)
-            try:
-                return sampler(
-                    model_fn, x_T, self.schedule, parameterization=self.parameterization,
-                    generator=generators, callback=callback, **extra,
-                )
+            try:  # the net's mode is restored whatever happens below, a refused call included
+                return self._sample_eval(net, sampler, seeds, ancestral, callback, labels, guidance_scale,
+                                         classifier, classifier_scale)
             finally:
                 net.train(was_training)
+
+    def _sample_eval(
+        self, net: nn.Module, sampler: Sampler, seeds: Sequence[int], ancestral: bool, callback: Callback,
+        labels: Labels, guidance_scale: float, classifier: nn.Module | None, classifier_scale: float,
+    ) -> Tensor:
+        """`sample`'s body, run with `net` in eval mode."""
+        x_T, generators = self.initial_noise(net, seeds)
+        y = self._sample_labels(labels, len(seeds), need=classifier is not None and classifier_scale > 0)
+        model_fn = sampling_net(net)  # weights cast (autocast) and prepacked (CPU) once, not per step
+        if self.num_classes is not None and y is not None:
+            model_fn = classifier_free_guidance(model_fn, y, null_label=self.num_classes,
+                                                guidance_scale=guidance_scale, mean_channels=net.in_channels)
+        extra: dict = {}
+        if self.model_variance != "fixed" and ancestral:
+            extra["model_variance"] = self.model_variance
+        elif self.model_variance != "fixed":  # ODE/SDE solvers need only the mean (eps) channels
+            model_fn = _mean_channels(model_fn, net.in_channels)
+        if classifier is not None and classifier_scale > 0:
+            extra["cond_fn"] = classifier_grad(classifier, y, scale=classifier_scale)
+        return sampler(model_fn, x_T, self.schedule, parameterization=self.parameterization,
+                       generator=generators, callback=callback, **extra)
 
     def _sample_labels(self, labels: Labels, n: int, *, need: bool) -> Tensor | None:
         """Labels as a (n,) long tensor on this device, checked against num_classes; None if not given."""
