@@ -1,11 +1,12 @@
-"""GroupNorm (Wu & He 2018), optionally fused with SiLU, with a fast CPU path for channels_last tensors.
+"""GroupNorm (Wu & He 2018), optionally fused with SiLU and dropout, with a fast CPU path for channels_last tensors.
 
 PyTorch's CPU GroupNorm is slow on channels_last (NHWC) bfloat16 tensors: on the Xeon of the
 README's Performance section its backward takes 3.2 ms at 8x128x32x32 against 0.22 ms for the same
 tensor in NCHW, ~66 ms of a 440 ms bf16 training step of `ddpm_cifar10`, and routing through NCHW
-costs more in layout copies than it saves. `kernels/group_norm_nhwc.c` computes GroupNorm and SiLU
-on the NHWC layout in one pass each way (statistics in float/double, bf16 rounded to nearest-even
-on store); it is compiled once per machine with the system C compiler (~1 s) into
+costs more in layout copies than it saves. `kernels/group_norm_nhwc.c` computes GroupNorm, SiLU and
+(in the residual blocks) difflab's dropout on the NHWC layout in one pass each way (statistics in
+float/double, bf16 rounded to nearest-even on store, the dropout mask from the same 15-bit draws
+`Dropout` makes); it is compiled once per machine with the system C compiler (~1 s) into
 `$DIFFLAB_KERNEL_DIR` (default `~/.cache/difflab/kernels`) and called through ctypes.
 
 `GroupNorm(..., act="silu")` is `F.silu(nn.GroupNorm(...)(x))` with the same parameters and
