@@ -21,11 +21,9 @@ import time
 import torch
 from systems import autocast  # benchmarks/systems.py: bf16 autocast as Lightning's bf16-mixed
 
-import torch.nn.functional as F
-
 from difflab.nets import UNet
 from difflab.nets.dropout import Dropout
-from difflab.nets.group_norm import GroupNorm
+from difflab.nets.group_norm import GroupNorm, torch_group_norm_act
 
 NETS = {
     "cifar": dict(image_size=32, in_channels=3),  # ddpm_cifar10: the constructor's defaults
@@ -44,9 +42,7 @@ class TorchGroupNorm(GroupNorm):
     """difflab's GroupNorm through torch's ops only (GroupNorm, SiLU, then the dropout module)."""
 
     def forward(self, x, dropout=None):
-        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        y = F.silu(y) if self.act == "silu" else y
-        return y if dropout is None else dropout(y)
+        return torch_group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.act, dropout=dropout)
 
 
 def _swap(model: torch.nn.Module, cls: type, make) -> None:

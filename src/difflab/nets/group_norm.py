@@ -168,6 +168,16 @@ def uses_kernel(x: Tensor, weight: Tensor | None) -> bool:
             and not torch.compiler.is_compiling() and not torch.jit.is_scripting() and kernel_available())
 
 
+def torch_group_norm_act(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+    act: Literal["none", "silu"] = "none", *, dropout: nn.Module | None = None,
+) -> Tensor:
+    """`group_norm_act` through torch's ops only: F.group_norm, F.silu, then the dropout module."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    y = F.silu(y) if act == "silu" else y
+    return y if dropout is None else dropout(y)
+
+
 def group_norm_act(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
     act: Literal["none", "silu"] = "none", *, dropout: nn.Module | None = None,
@@ -176,9 +186,7 @@ def group_norm_act(
     if act not in ACTS:
         raise ValueError(f"act={act!r} is not one of {ACTS}")
     if not uses_kernel(x, weight):
-        y = F.group_norm(x, num_groups, weight, bias, eps)
-        y = F.silu(y) if act == "silu" else y
-        return y if dropout is None else dropout(y)
+        return torch_group_norm_act(x, num_groups, weight, bias, eps, act, dropout=dropout)
     C = x.shape[1]
     if C % num_groups != 0:
         raise ValueError(f"num_channels={C} is not divisible by num_groups={num_groups}")
