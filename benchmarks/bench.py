@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from systems import DDPM_CIFAR10_PARAMS  # noqa: E402
+from peer_systems import DDPM_CIFAR10_PARAMS  # noqa: E402
 
 
 def _env(name: str, default):
@@ -43,7 +43,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 def _prepare(kind: str) -> None:
     """Import what a system needs before the memory baseline is taken."""
     if kind.startswith("difflab"):
-        import difflab.cli.build  # noqa: F401
+        import difflab.cli.trainer_setup  # noqa: F401
         import hydra  # noqa: F401
     elif kind == "diffusers":
         import diffusers  # noqa: F401
@@ -55,14 +55,14 @@ def worker(conn, kind: str, precision: str, threads: int, ch: int, batch: int, d
     """Build one system, then time whatever the parent asks for until told to stop."""
     import torch
 
-    from systems import build
+    from peer_systems import build
 
     try:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         _prepare(kind)
         if setup:  # what every difflab entry point does first (denormal flushing, malloc reuse)
-            from difflab.cli.common import setup_process
+            from difflab.cli.process_setup import setup_process
 
             setup_process()
         base = rss_mb()
@@ -158,7 +158,7 @@ def matmul_peak(dtype_name: str, threads: int, n: int, repeats: int = 5) -> floa
 
 def bf16_hardware() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (difflab's own check, which sampling uses)."""
-    from difflab.samplers.precision import onednn_bf16
+    from difflab.nets.inference import onednn_bf16
 
     return onednn_bf16()
 

@@ -69,7 +69,7 @@ def lucidrains_diffusion():
     from denoising_diffusion_pytorch import GaussianDiffusion
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from systems import lucidrains_unet
+    from peer_systems import lucidrains_unet
 
     return GaussianDiffusion(lucidrains_unet(), image_size=IMAGE_SIZE, timesteps=1000, sampling_timesteps=50)
 

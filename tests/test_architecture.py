@@ -10,12 +10,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 ALLOWED = {
     "diffusion": set(),
-    "samplers": {"diffusion"},
+    "samplers": {"diffusion", "nets"},  # generate() prepares the net (nets.inference)
     "nets": set(),
     "metrics": set(),
     "data": set(),
     "lit": {"diffusion", "samplers", "nets"},
-    "callbacks": {"metrics", "samplers", "data"},
+    "callbacks": {"metrics", "samplers", "data", "nets"},
     "cli": {"diffusion", "samplers", "nets", "metrics", "data", "lit", "callbacks"},
 }
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from difflab.cli.common import config_dir
+from difflab.cli.config import config_dir
 from difflab.cli.train_classifier import build_classifier_module, load_classifier, train_classifier, train_command
 from difflab.data import DigitsDataModule
 from difflab.lit.classifier import ClassifierModule, random_translate

@@ -14,8 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from PIL import Image
 
-from difflab.cli.build import build_trainer
-from difflab.cli.common import config_dir
+from difflab.cli.trainer_setup import build_trainer
+from difflab.cli.config import config_dir
 from difflab.data.base import per_device_batch_size
 from test_resume import cli, load
 
@@ -49,7 +49,7 @@ def ddp_run(tmp_path_factory) -> dict[str, Path]:
         "callbacks.evaluation.metrics.extractor=classifier", f"paths.cache_dir={root / 'cache'}",
         "callbacks.evaluation.every_n_steps=2", "callbacks.evaluation.num_samples=10", "callbacks.evaluation.batch_size=4",
         "callbacks.evaluation.samplers.ddim.steps=3", "+callbacks.evaluation.reference_images=64",
-        "+callbacks.probe._target_=_probes.RankWeights", f"+callbacks.probe.out_dir={probe}",
+        "+callbacks.probe._target_=hydra_test_targets.RankWeights", f"+callbacks.probe.out_dir={probe}",
         f"hydra.run.dir={run_dir}",
     ]
     proc = cli("difflab.cli.train", *args, cwd=root)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from difflab.diffusion.hybrid import HybridLoss, VLBLoss
+from difflab.diffusion.vlb_objectives import HybridLoss, VLBLoss
 from difflab.diffusion.likelihood import bits_per_dim, vlb_terms_bpd
-from difflab.diffusion.objectives import UniformTimesteps
+from difflab.diffusion.timesteps import UniformTimesteps
 from difflab.diffusion.process import fixed_log_variance, q_sample
 from difflab.diffusion.schedules import NoiseSchedule, cosine_betas
 from difflab.diffusion.timesteps import ImportanceTimesteps

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difflab.cli.build import build_module
-from difflab.diffusion.hybrid import HybridLoss
+from difflab.cli.trainer_setup import build_module
+from difflab.diffusion.vlb_objectives import HybridLoss
 from difflab.diffusion.schedules import cosine_betas
 from difflab.diffusion.sde import VPSDE
 from difflab.lit import DiffusionModule, ScoreModule

@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench  # noqa: E402
-import systems  # noqa: E402
+import peer_systems  # noqa: E402
 
 
 def tiny_module(**kwargs) -> DiffusionModule:
@@ -99,7 +99,7 @@ def test_bench_compare_takes_median_of_same_run_ratios():
 
 def test_difflab_bench_system_trains_and_samples():
     torch.manual_seed(0)
-    s = systems.Difflab(overrides=["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1"], batch=4, ddim_steps=2)
+    s = peer_systems.Difflab(overrides=["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1"], batch=4, ddim_steps=2)
     before = [p.detach().clone() for p in s.net.parameters()]
     s.train_step("fp32")
     assert any(not torch.equal(a, p) for a, p in zip(before, s.net.parameters()))
@@ -116,8 +116,8 @@ def test_difflab_bench_system_trains_and_samples():
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="the bench extra is not installed")
 def test_diffusers_peer_is_the_ddpm_cifar10_architecture():
-    peer = systems.diffusers_unet()
-    assert sum(p.numel() for p in peer.parameters()) == systems.DDPM_CIFAR10_PARAMS == UNet().num_parameters
+    peer = peer_systems.diffusers_unet()
+    assert sum(p.numel() for p in peer.parameters()) == peer_systems.DDPM_CIFAR10_PARAMS == UNet().num_parameters
 
 
 @pytest.mark.parametrize("native, batch, repeats", [(True, 8, 5), (False, 1, 1)])
@@ -150,7 +150,7 @@ def test_digit_judge_is_accurate_and_tells_digits_from_noise():
 
 _FAULTS = """
 import resource, sys, torch
-from difflab.cli.common import keep_freed_memory
+from difflab.cli.process_setup import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
 for _ in range(2):
     torch.empty(16 << 20).fill_(1.0)  # 64 MB: the first uses fault their pages in either way

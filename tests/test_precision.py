@@ -6,8 +6,8 @@ import pytest
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from difflab.cli.build import autocast_device, check_precision
-from difflab.lit.precision import BF16MixedPrecision
+from difflab.cli.trainer_setup import autocast_device, check_precision
+from difflab.lit.mixed_precision import BF16MixedPrecision
 
 
 def _fused_with_grads(scale: float) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:

@@ -1,5 +1,5 @@
 """Exact resume after a hard kill, safe failure on a non-finite loss, and refusal of unsafe or
-mismatched checkpoints; the CLI runs as subprocesses with test-only callbacks from tests/_probes.py."""
+mismatched checkpoints; the CLI runs as subprocesses with test-only callbacks from tests/hydra_test_targets.py."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ BASE = [
 
 
 def cli(module: str, *args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a difflab entry point in a fresh process; tests/ is importable there (for _probes)."""
+    """Run a difflab entry point in a fresh process; tests/ is importable there (for hydra_test_targets)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
@@ -62,7 +62,7 @@ def straight_and_resumed(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
     straight, killed = root / "straight", root / "killed"
     cli("difflab.cli.train", *BASE, "trainer.max_steps=6", f"hydra.run.dir={straight}", cwd=root)
-    kill = ["+callbacks.kill._target_=_probes.KillAtStep", "+callbacks.kill.step=3"]
+    kill = ["+callbacks.kill._target_=hydra_test_targets.KillAtStep", "+callbacks.kill.step=3"]
     proc = cli("difflab.cli.train", *BASE, *kill, "trainer.max_steps=6", f"hydra.run.dir={killed}", cwd=root, check=False)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no clean-up ran
     assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == 2
@@ -91,9 +91,9 @@ def test_kill_and_resume_gives_bitwise_identical_weights(straight_and_resumed):
 def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path):
     run_dir, snap = tmp_path / "run", tmp_path / "snapshot"
     # the net's 6th training forward (step 5 = batch 1 of epoch 2) returns NaN; last.ckpt holds step 4
-    probes = ["model._target_=_probes.NaNAfterUNet", "+model.nan_after=5",
-              "+callbacks.dump._target_=_probes.DumpOnException", f"+callbacks.dump.path={tmp_path / 'at_error.pt'}",
-              "+callbacks.snap._target_=_probes.SnapshotFiles", "+callbacks.snap.step=5",
+    probes = ["model._target_=hydra_test_targets.NaNAfterUNet", "+model.nan_after=5",
+              "+callbacks.dump._target_=hydra_test_targets.DumpOnException", f"+callbacks.dump.path={tmp_path / 'at_error.pt'}",
+              "+callbacks.snap._target_=hydra_test_targets.SnapshotFiles", "+callbacks.snap.step=5",
               f"+callbacks.snap.src_dir={run_dir / 'checkpoints'}", f"+callbacks.snap.dst_dir={snap}"]
     proc = cli("difflab.cli.train", *BASE, *probes, "trainer.max_steps=8", f"hydra.run.dir={run_dir}",
                cwd=tmp_path, check=False)
@@ -116,8 +116,8 @@ def _resume_refused(tmp_path: Path, ckpt: Path, match: str):
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from difflab.cli.build import build_module, build_trainer
-    from difflab.cli.common import config_dir
+    from difflab.cli.trainer_setup import build_module, build_trainer
+    from difflab.cli.config import config_dir
 
     GlobalHydra.instance().clear()
     try:
@@ -175,8 +175,8 @@ def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from difflab.cli.build import build_module
-    from difflab.cli.common import config_dir, to_container
+    from difflab.cli.trainer_setup import build_module
+    from difflab.cli.config import config_dir, to_container
     from difflab.cli.sample import module_from_checkpoint
 
     path = straight_and_resumed["straight"] / "checkpoints" / "last.ckpt"
@@ -219,7 +219,7 @@ def test_rng_state_round_trip_and_per_rank_seeds():
 
 def test_timestep_sampler_state_is_saved_and_restored():
     from difflab.diffusion import linear_betas
-    from difflab.diffusion.objectives import UniformTimesteps
+    from difflab.diffusion.timesteps import UniformTimesteps
     from difflab.lit import DiffusionModule
     from difflab.nets import UNet
 

@@ -15,7 +15,7 @@ from difflab.diffusion.sde import VPSDE
 from difflab.lit import DiffusionModule, ScoreModule
 from difflab.nets import UNet
 from difflab.samplers import DDIM, Heun
-from difflab.samplers.precision import PrepackedConv2d, autocast_dtype, sampling_autocast, sampling_net
+from difflab.nets.inference import PrepackedConv2d, autocast_dtype, sampling_autocast, sampling_net
 
 
 def _net(**kwargs) -> UNet:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from difflab.diffusion.denoiser import Denoiser
-from difflab.diffusion.ode import integrate, pf_ode_velocity
+from difflab.diffusion.ode_solver import integrate, pf_ode_velocity
 from difflab.diffusion.ode_likelihood import dequantized_bits_per_dim, pf_ode_log_likelihood
 from difflab.diffusion.process import x0_from_eps
 from difflab.diffusion.schedules import NoiseSchedule, linear_betas

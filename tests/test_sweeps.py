@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from difflab.cli import report
 from difflab.cli.cluster import hand_signal_to_lightning, requeue_signal, run_id, slurm_job_id
-from difflab.cli.common import config_dir
+from difflab.cli.config import config_dir
 from difflab.cli.runs import run_status
 from difflab.cli.train import check_optimized_metric, optimized_value
 from test_cli import TINY

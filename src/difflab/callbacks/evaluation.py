@@ -23,7 +23,7 @@ from difflab.data.transforms import to_uint8
 from difflab.metrics.generative import GenerativeMetrics
 from difflab.metrics.reference import ReferenceKey, load_or_compute
 from difflab.samplers.base import Sampler
-from difflab.samplers.precision import autocast_dtype
+from difflab.nets.inference import autocast_dtype
 
 log = logging.getLogger("difflab")
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks.evaluation import check_guidance_scales, evaluate_samplers, format_table, write_results
-from difflab.cli.common import config_dir, setup_process, to_container
+from difflab.cli.config import config_dir, to_container
+from difflab.cli.process_setup import setup_process
 from difflab.cli.metrics import build_metrics
 from difflab.cli.sample import load_checkpoint, module_from_checkpoint, resolve_device
 from difflab.data.transforms import to_model_range
@@ -25,7 +26,7 @@ from difflab.metrics.reference import ReferenceKey, load_or_compute
 from difflab.samplers import DDIM, DDPM
 from difflab.samplers.base import Sampler
 from difflab.samplers.families import check_sampler_fits
-from difflab.samplers.precision import autocast_dtype
+from difflab.nets.inference import autocast_dtype
 from difflab.samplers.specs import FAST_SPEC, FAST_SPECS_HELP, parse_fast_sampler
 
 log = logging.getLogger("difflab")

@@ -13,15 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
-from difflab.cli.build import build_module
-from difflab.cli.common import config_dir, setup_process
+from difflab.cli.trainer_setup import build_module
+from difflab.cli.config import config_dir
+from difflab.cli.process_setup import setup_process
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule, ScoreModule
 from difflab.lit.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, safe_load
 from difflab.lit.resume import check_state_dict_fits
 from difflab.samplers.ddpm import DDPM, resolve_variance
 from difflab.samplers.families import check_sampler_fits, default_sampler_name
-from difflab.samplers.precision import autocast_dtype
+from difflab.nets.inference import autocast_dtype
 
 log = logging.getLogger("difflab")
 

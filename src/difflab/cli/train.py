@@ -12,9 +12,10 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from difflab.cli.build import build_module, build_trainer
+from difflab.cli.trainer_setup import build_module, build_trainer
 from difflab.cli.cluster import hand_signal_to_lightning
-from difflab.cli.common import config_dir, setup_process, to_container
+from difflab.cli.config import config_dir, to_container
+from difflab.cli.process_setup import setup_process
 from difflab.cli.runs import run_status
 
 log = logging.getLogger("difflab")

@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from difflab.cli.build import build_trainer
+from difflab.cli.trainer_setup import build_trainer
 from difflab.cli.classifier_io import load_classifier, save_atomic, train_command
-from difflab.cli.common import config_dir, setup_process, to_container
+from difflab.cli.config import config_dir, to_container
+from difflab.cli.process_setup import setup_process
 from difflab.lit.classifier import ClassifierModule
 
 __all__ = ["build_classifier_module", "load_classifier", "main", "train_classifier", "train_command"]

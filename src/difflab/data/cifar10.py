@@ -15,7 +15,7 @@ from difflab.data.cifar_batches import (
     has_cifar10_train,
     read_cifar10_train,
 )
-from difflab.data.downloadable import DownloadableDataModule
+from difflab.data.on_disk import DownloadableDataModule
 
 
 class CIFAR10DataModule(DownloadableDataModule):

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from difflab.data.downloadable import DownloadableDataModule
+from difflab.data.on_disk import DownloadableDataModule
 from difflab.data.idx import find_idx_file, read_idx
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

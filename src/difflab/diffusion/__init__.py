@@ -1,9 +1,9 @@
 """The mathematics of diffusion: schedules, forward process, posteriors, objectives. Plain torch only."""
 
-from difflab.diffusion.hybrid import HybridLoss, VLBLoss
+from difflab.diffusion.vlb_objectives import HybridLoss, VLBLoss
 from difflab.diffusion.likelihood import VarianceHead, bits_per_dim, prior_bpd, vlb_terms_bpd
-from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps, min_snr_weight, offset_noise
-from difflab.diffusion.timesteps import ImportanceTimesteps
+from difflab.diffusion.objectives import SimpleLoss, min_snr_weight, offset_noise
+from difflab.diffusion.timesteps import ImportanceTimesteps, UniformTimesteps
 from difflab.diffusion.variance import LearnedVariance, learned_log_variance, respace
 from difflab.diffusion.process import (
     PARAMETERIZATIONS,

@@ -2,12 +2,12 @@
 
 Objectives map (model_fn, x0, t, eps, schedule) to a per-sample loss (B,); the caller draws t from a
 timestep sampler (diffusion/timesteps.py) and reduces once. Hybrid and VLB losses of learned-variance
-models live in diffusion/hybrid.py.
+models live in diffusion/vlb_objectives.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,27 +22,6 @@ from difflab.diffusion.process import (
 from difflab.diffusion.schedules import NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class UniformTimesteps:
-    """t ~ Uniform{1..T} (stored as indices 0..T-1), every sample weighted 1 (Ho et al. 2020, Alg. 1)."""
-
-    def sample(
-        self, batch_size: int, *, T: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Timestep indices (B,) and importance weights (B,)."""
-        t = torch.randint(0, T, (batch_size,), device=device, generator=generator)
-        return t, torch.ones(batch_size, device=device)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpointed state (protocol of every timestep sampler): uniform sampling has none."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state_dict(); refuses keys this sampler does not know."""
-        if state:
-            raise ValueError(f"UniformTimesteps has no state, but the checkpoint holds {sorted(state)}; "
-                             "was it written with another timestep sampler?")
 
 
 def per_sample_mse(output: Tensor, target: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 For dx/du = f(x, u) the instantaneous change of variables (Chen et al. 2018, Thm. 1) gives
 log p_0(x(u_0)) = log p_1(x(u_1)) + int_{u_0}^{u_1} div f du. Here u = log sigma_hat, f = x_hat - D
-(`difflab.diffusion.ode`), x(u_0) is the data at sigma_min and p_1 is the family's prior in x_hat
+(`difflab.diffusion.ode_solver`), x(u_0) is the data at sigma_min and p_1 is the family's prior in x_hat
 coordinates. div f is exact (d autograd passes) or Hutchinson's estimate E[z^T (df/dx) z] with one
 Rademacher or Gaussian probe per sample held fixed along the path (Grathwohl et al. 2019, Eq. 7).
 """
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.denoiser import Denoiser, ModelFn, Prediction
-from difflab.diffusion.ode import DenoiseFn, OdeMethod, integrate, pf_ode_velocity
+from difflab.diffusion.ode_solver import DenoiseFn, OdeMethod, integrate, pf_ode_velocity
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily, as_family

@@ -1,4 +1,4 @@
-"""Importance sampling of timesteps from the loss history (Nichol & Dhariwal 2021, Sec. 3.3, Eq. 18).
+"""Timestep samplers: uniform (Ho et al. 2020) and importance sampling from the loss history (Nichol & Dhariwal 2021, Sec. 3.3, Eq. 18).
 
     p_t ∝ sqrt(E[L_t^2]),   L_vlb = E_{t ~ p_t}[L_t / p_t]
 
@@ -13,8 +13,31 @@ per-sample unweighted losses; `state_dict` / `load_state_dict` carry the history
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+
+class UniformTimesteps:
+    """t ~ Uniform{1..T} (stored as indices 0..T-1), every sample weighted 1 (Ho et al. 2020, Alg. 1)."""
+
+    def sample(
+        self, batch_size: int, *, T: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Timestep indices (B,) and importance weights (B,)."""
+        t = torch.randint(0, T, (batch_size,), device=device, generator=generator)
+        return t, torch.ones(batch_size, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed state (protocol of every timestep sampler): uniform sampling has none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict(); refuses keys this sampler does not know."""
+        if state:
+            raise ValueError(f"UniformTimesteps has no state, but the checkpoint holds {sorted(state)}; "
+                             "was it written with another timestep sampler?")
 
 
 class ImportanceTimesteps:

@@ -7,19 +7,19 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from difflab.diffusion.hybrid import HybridLoss, VLBLoss
+from difflab.diffusion.vlb_objectives import HybridLoss, VLBLoss
 from difflab.diffusion.likelihood import LogVariance
-from difflab.diffusion.objectives import SimpleLoss, UniformTimesteps, offset_noise
+from difflab.diffusion.objectives import SimpleLoss, offset_noise
 from difflab.diffusion.process import fixed_log_variance, randn_like
 from difflab.diffusion.schedules import NoiseSchedule
-from difflab.diffusion.timesteps import ImportanceTimesteps
+from difflab.diffusion.timesteps import ImportanceTimesteps, UniformTimesteps
 from difflab.diffusion.variance import LearnedVariance
 from difflab.lit.base import EMADecay, OptimizerFactory, TrainingModule
 from difflab.samplers.base import Callback, ModelFn, Sampler
 from difflab.samplers.ddim import DDIM
 from difflab.samplers.ddpm import DDPM
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
-from difflab.samplers.precision import sampling_autocast, sampling_net
+from difflab.nets.inference import sampling_autocast, sampling_net
 
 Objective = SimpleLoss | HybridLoss | VLBLoss
 Labels = Sequence[int] | Tensor | None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.samplers.precision import strictly_channels_last
+from difflab.nets.inference import strictly_channels_last
 
 
 def dense_views(tensors: list[list[Tensor]]) -> int:

@@ -13,7 +13,7 @@ from difflab.diffusion.sde import NoiseFamily
 from difflab.lit.base import OptimizerFactory, TrainingModule
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.families import check_sampler_fits
-from difflab.samplers.precision import sampling_autocast, sampling_net
+from difflab.nets.inference import sampling_autocast, sampling_net
 
 
 class ScoreModule(TrainingModule):

@@ -1,7 +1,7 @@
 """Dropout (Srivastava et al. 2014) with a faster mask on CPU.
 
 On CPU, torch's `bernoulli_` draws one float per element from a sequential generator and takes
-~5% of a DDPM CIFAR-10 training step (benchmarks/means.py). `Dropout` here draws the keep mask from
+~5% of a DDPM CIFAR-10 training step (benchmarks/speedup_ablation.py). `Dropout` here draws the keep mask from
 15 random bits per element instead (two elements per 32-bit draw of the same global generator),
 which is ~3x faster. The keep probability is quantised to q = (2^15 - k) / 2^15 with
 k = round(p * 2^15) (|q - (1 - p)| <= 2^-16), and kept values are scaled by exactly 1/q, so

@@ -5,8 +5,8 @@ from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 from difflab.samplers.langevin import ALD, annealed_langevin_sample
-from difflab.samplers.ode import PFODE, pf_ode_sample
-from difflab.samplers.sde import PC, pc_sample
+from difflab.samplers.pf_ode import PFODE, pf_ode_sample
+from difflab.samplers.predictor_corrector import PC, pc_sample
 from difflab.samplers.solvers import DPMSolverPP, Heun, dpmpp_2m_sample, edm_heun_sample
 
 __all__ = [

@@ -6,7 +6,7 @@ from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily, as_family
 from difflab.samplers.ddim import DDIM
 from difflab.samplers.ddpm import DDPM
-from difflab.samplers.sde import PC
+from difflab.samplers.predictor_corrector import PC
 
 FAMILIES = ("ddpm", "ncsn", "vp", "subvp", "ve")
 # the sampler config (conf/sampler/<name>.yaml) difflab-sample uses when none is named

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from difflab.samplers.langevin import ALD
-from difflab.samplers.ode import PFODE
-from difflab.samplers.sde import PC
+from difflab.samplers.pf_ode import PFODE
+from difflab.samplers.predictor_corrector import PC
 from difflab.samplers.solvers import DPMSolverPP, Heun
 
 FAST_SPEC = re.compile(

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.data.base import ImageDataModule
-from difflab.data.download import torchvision_download
+from difflab.data.fetch import torchvision_download
 from difflab.data.errors import DatasetNotFoundError
 from difflab.data.memory import InMemoryImages
 from difflab.data.transforms import convert_channels, resize_uint8

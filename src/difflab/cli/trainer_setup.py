@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from difflab.cli.cluster import slurm_plugins
 from difflab.lit import DiffusionModule, ScoreModule
-from difflab.lit.precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
+from difflab.lit.mixed_precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
 
 
 def data_num_classes(cfg: DictConfig) -> int:

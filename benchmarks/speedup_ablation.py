@@ -1,9 +1,9 @@
 """Which performance means help: difflab's own network with a mean on and off, interleaved in one run.
 
-    python benchmarks/means.py --net cifar --batch 8 --repeats 5
-    python benchmarks/means.py --net digits --batch 64 --repeats 7
-    python benchmarks/means.py --net cifar --precision bf16     # under CPU bf16 autocast
-    python benchmarks/means.py --net cifar --compile            # also everything under torch.compile
+    python benchmarks/speedup_ablation.py --net cifar --batch 8 --repeats 5
+    python benchmarks/speedup_ablation.py --net digits --batch 64 --repeats 7
+    python benchmarks/speedup_ablation.py --net cifar --precision bf16     # under CPU bf16 autocast
+    python benchmarks/speedup_ablation.py --net cifar --compile            # also everything under torch.compile
 
 Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel, the
 residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``) and
@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from systems import autocast  # benchmarks/systems.py: bf16 autocast as Lightning's bf16-mixed
+from peer_systems import autocast  # benchmarks/peer_systems.py: bf16 autocast as Lightning's bf16-mixed
 
 from difflab.nets import UNet
 from difflab.nets.dropout import Dropout

@@ -32,7 +32,7 @@ def compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from difflab.cli.common import config_dir
+    from difflab.cli.config import config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -43,7 +43,7 @@ class Difflab:
     """difflab's DiffusionModule built from its config; the step is what `training_step` runs."""
 
     def __init__(self, *, overrides: list[str], batch: int, ddim_steps: int) -> None:
-        from difflab.cli.build import build_module
+        from difflab.cli.trainer_setup import build_module
 
         cfg = compose_train(overrides)
         self.module = build_module(cfg)
@@ -74,7 +74,7 @@ class Difflab:
 
     def sampler_forward(self, batch: int, precision: str) -> None:
         """One network call as a sampling step makes it: the EMA net through `sampling_net`, prepared once."""
-        from difflab.samplers.precision import sampling_net
+        from difflab.nets.inference import sampling_net
 
         x, t = torch.randn(batch, *self.shape), torch.randint(0, 1000, (batch,))
         net = self.module.ema.module.eval()

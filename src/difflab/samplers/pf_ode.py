@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from difflab.diffusion.denoiser import Denoiser
-from difflab.diffusion.ode import OdeMethod, check_tolerances, integrate, pf_ode_velocity
+from difflab.diffusion.ode_solver import OdeMethod, check_tolerances, integrate, pf_ode_velocity
 from difflab.diffusion.sde import NoiseFamily
 from difflab.samplers.base import Callback, Generator
 from difflab.samplers.solvers import DenoiserSampler, start_noise
