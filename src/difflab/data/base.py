@@ -1,4 +1,10 @@
-"""The LightningDataModule every dataset shares: argument checks, the held-out split, loaders.
+"""The LightningDataModule every dataset shares: its options, argument checks, the held-out split, loaders.
+
+The constructor is generated (a keyword-only dataclass; eq=False keeps comparison and hashing by
+identity) from the options declared below. Every subclass carries the same decorator, so errors
+name it, and declares as fields only the options that are its own (root, download, ...), never
+these again. No option has a dataset-specific default: the values live in conf/data/<name>.yaml
+alone (tests/test_data.py checks that every constructor default agrees with every YAML).
 
 A subclass sets `num_classes` and implements `_build_dataset()`, returning a Dataset whose
 `__getitems__(indices)` gives a uint8 batch (B, C, image_size, image_size) and int64 labels (B,).
@@ -13,7 +19,8 @@ run sees the same order as an uninterrupted one.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Literal
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -78,43 +85,39 @@ def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[list[int],
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
+@dataclass(kw_only=True, eq=False)
 class ImageDataModule(pl.LightningDataModule):
     """Base of all difflab DataModules; yields (x float32 (B, C, H, W) in [-1, 1], y int64 (B,))."""
 
-    num_classes: int | None = None
+    num_classes: ClassVar[int | None] = None
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        channels: int,
-        batch_size: int,
-        num_workers: int,
-        val_fraction: float,
-        seed: int,
-        hflip: bool,
-        pin_memory: bool | None,
-    ) -> None:
+    # the options of every dataset, set from conf/data/<name>.yaml; only pin_memory, which no
+    # dataset decides, has a default
+    image_size: int
+    channels: int
+    batch_size: int  # global: split over the processes of a Trainer (see the module docstring)
+    num_workers: int
+    val_fraction: float
+    seed: int  # fixes the train/val split
+    hflip: bool  # random horizontal flip, training batches only
+    pin_memory: bool | None = None  # None: True when CUDA is available
+
+    def __post_init__(self) -> None:
         super().__init__()
-        check_positive_int("image_size", image_size)
-        check_channels(channels)
-        check_positive_int("batch_size", batch_size)
-        check_num_workers(num_workers)
-        check_val_fraction(val_fraction)
-        self.image_size = image_size
-        self.channels = channels
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_fraction = float(val_fraction)
-        self.seed = seed
-        self.hflip = hflip
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        check_positive_int("image_size", self.image_size)
+        check_channels(self.channels)
+        check_positive_int("batch_size", self.batch_size)
+        check_num_workers(self.num_workers)
+        check_val_fraction(self.val_fraction)
+        self.val_fraction = float(self.val_fraction)
+        if self.pin_memory is None:
+            self.pin_memory = torch.cuda.is_available()
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self._world_size, self._rank = 1, 0
-        self.device_batch_size = batch_size  # batch_size / world size once a Trainer sets us up
+        self.device_batch_size = self.batch_size  # batch_size / world size once a Trainer sets us up
         # the train permutation's seed: the run's seed (set by seed_everything) else the split seed
-        self.shuffle_seed = seed
+        self.shuffle_seed = self.seed
 
     def _build_dataset(self) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} must implement _build_dataset()")

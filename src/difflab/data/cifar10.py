@@ -5,6 +5,7 @@ Only the five training batches are read; the held-out split for val/loss is take
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,28 +19,9 @@ from difflab.data.cifar_batches import (
 from difflab.data.on_disk import DownloadableDataModule
 
 
+@dataclass(kw_only=True, eq=False)
 class CIFAR10DataModule(DownloadableDataModule):
     """CIFAR-10 from `root/cifar-10-batches-py` (torchvision's layout; it downloads there)."""
-
-    def __init__(
-        self,
-        *,
-        root: str | Path = "data",
-        download: bool = True,
-        image_size: int = 32,
-        channels: int = 3,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.02,
-        seed: int = 0,
-        hflip: bool = True,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            root=root, download=download, image_size=image_size, channels=channels,
-            batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
-            hflip=hflip, pin_memory=pin_memory,
-        )
 
     def _torchvision_cls(self) -> type:
         from torchvision.datasets import CIFAR10

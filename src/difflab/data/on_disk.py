@@ -8,6 +8,7 @@ them into memory as uint8 once, resizes to image_size and converts to `channels`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,30 +21,18 @@ from difflab.data.memory import InMemoryImages
 from difflab.data.transforms import convert_channels, resize_uint8
 
 
+@dataclass(kw_only=True, eq=False)
 class DownloadableDataModule(ImageDataModule):
+    """A dataset of 10 classes read from files under `root`, which torchvision can download there."""
+
     num_classes = 10
 
-    def __init__(
-        self,
-        *,
-        root: str | Path,
-        download: bool,
-        image_size: int,
-        channels: int,
-        batch_size: int,
-        num_workers: int,
-        val_fraction: float,
-        seed: int,
-        hflip: bool,
-        pin_memory: bool | None,
-    ) -> None:
-        super().__init__(
-            image_size=image_size, channels=channels, batch_size=batch_size,
-            num_workers=num_workers, val_fraction=val_fraction, seed=seed, hflip=hflip,
-            pin_memory=pin_memory,
-        )
-        self.root = Path(root).expanduser().absolute()
-        self.download = download
+    root: str | Path  # becomes an absolute Path
+    download: bool  # False: never touch the network; missing files raise naming root
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.root = Path(self.root).expanduser().absolute()
 
     # --- what a subclass provides -----------------------------------------------------------
     def _torchvision_cls(self) -> type:
