@@ -43,7 +43,7 @@ class Difflab:
     """difflab's DiffusionModule built from its config; the step is what `training_step` runs."""
 
     def __init__(self, *, overrides: list[str], batch: int, ddim_steps: int) -> None:
-        from difflab.cli.trainer_setup import build_module
+        from difflab.lit.from_config import build_module
 
         cfg = compose_train(overrides)
         self.module = build_module(cfg)

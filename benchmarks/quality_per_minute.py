@@ -115,14 +115,15 @@ def fid_of(images_uint8: torch.Tensor, classifier: Path) -> float:
 
 
 def sample_ours(run_dir: Path, n: int) -> tuple[torch.Tensor, int]:
-    from difflab.cli.sample import load_checkpoint, module_from_checkpoint
+    from difflab.lit.checkpoint_io import load_run
     from difflab.data.transforms import to_uint8
     from difflab.samplers import DDIM
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    module = module_from_checkpoint(ckpt, torch.device("cpu"))
+    run = load_run(ckpt)
+    module = run.module
     x = torch.cat([module.sample(DDIM(steps=50), seeds=range(s, min(s + 250, n))) for s in range(0, n, 250)])
-    return to_uint8(x), int(load_checkpoint(ckpt)["global_step"])
+    return to_uint8(x), run.checkpoint.global_step
 
 
 def sample_lucidrains(path: Path, n: int) -> tuple[torch.Tensor, int]:

@@ -68,13 +68,15 @@ def test_digits_cfg_samples_the_requested_class(cfg_run):
 def test_bad_label_is_refused_before_sampling(cfg_run):
     from omegaconf import OmegaConf
 
-    from difflab.cli.sample import guidance_kwargs, module_from_checkpoint
+    from difflab.lit.checkpoint_io import load_run
+    from difflab.samplers import DDIM
 
-    module = module_from_checkpoint(cfg_run / "checkpoints" / "last.ckpt", torch.device("cpu"))
+    module = load_run(cfg_run / "checkpoints" / "last.ckpt").module
     assert module.num_classes == 10  # model.num_classes=auto read the digits' class count
-    cfg = OmegaConf.create({"label": 12, "num_samples": 2, "guidance_scale": 3.0})
-    with pytest.raises(ValueError, match="label=12 is outside 0..9"):
-        guidance_kwargs(cfg, module, torch.device("cpu"))
+    with pytest.raises(ValueError, match="label 12 is outside 0..9"):
+        module.sample(DDIM(steps=2), [0, 1], labels=[3, 12], guidance_scale=3.0)
+    with pytest.raises(ValueError, match="guidance_scale=-1"):
+        module.sample(DDIM(steps=2), [0, 1], labels=[3, 1], guidance_scale=-1.0)
 
 
 def test_noisy_classifier_cli_and_classifier_guided_sampling(cfg_run):
@@ -82,12 +84,14 @@ def test_noisy_classifier_cli_and_classifier_guided_sampling(cfg_run):
                f"hydra.run.dir={cfg_run / 'clf'}", cwd=cfg_run)
     path = cfg_run / "cache" / "classifiers" / "digits_8px_noisy_T200.ckpt"
     assert path.is_file() and "val/acc" in proc.stdout
-    from difflab.cli.classifier_io import load_noisy_classifier
+    from difflab.lit.checkpoint_io import load_classifier
 
-    net = load_noisy_classifier(path, 200)
+    net = load_classifier(path, kind="noisy_classifier", T=200)
     assert net(torch.zeros(2, 1, 8, 8), torch.tensor([0, 199])).shape == (2, 10)
     with pytest.raises(ValueError, match="T=200, the model has T=1000"):
-        load_noisy_classifier(path, 1000)
+        load_classifier(path, kind="noisy_classifier", T=1000)
+    with pytest.raises(ValueError, match="of kind 'noisy_classifier', not 'classifier'"):
+        load_classifier(path)  # one loader for both kinds, each refusing the other
     run("difflab.cli.sample", f"ckpt_path={cfg_run / 'checkpoints' / 'last.ckpt'}", "label=7", "guidance_scale=1",
         f"classifier_ckpt={path}", "classifier_scale=2", "num_samples=4", "sampler.steps=5", f"out_dir={cfg_run / 'cg'}",
         cwd=cfg_run)

@@ -12,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
-from difflab.cli.trainer_setup import build_list, build_module, build_trainer
+from difflab.cli.trainer_setup import build_list, build_trainer
+from difflab.lit.from_config import build_module
 from difflab.cli.config import config_dir
 
 CONF = Path(config_dir())

@@ -12,9 +12,10 @@ from difflab.diffusion.objectives import SimpleLoss, min_snr_weight, offset_nois
 from difflab.diffusion.process import q_sample, x0_eps_from_output
 from difflab.diffusion.schedules import NoiseSchedule, cosine_betas, extract
 from difflab.lit import DiffusionModule
-from difflab.nets import UNet
+from difflab.nets import Conditioning, UNet
 from difflab.nets.classifiers import NoisyImageClassifier
 from difflab.diffusion.sde import VPSDE
+from difflab.samplers.generate import Guidance
 from difflab.samplers import (
     ALD, DDIM, DDPM, PC, PFODE, DPMSolverPP, Heun, classifier_free_guidance, classifier_grad, dynamic_threshold,
 )
@@ -27,22 +28,24 @@ def sched() -> NoiseSchedule:
 
 def fake_net(x, t, cond):
     """A conditional 'net' whose output depends on the label (null label = 10) and has 2C channels."""
-    c = cond.float().reshape(-1, 1, 1, 1)
+    c = cond.labels.float().reshape(-1, 1, 1, 1)
     return torch.cat([0.1 * x + 0.05 * c, 0.2 * torch.ones_like(x) * c / 10], dim=1)
 
 
 def test_cfg_w0_is_unconditional_w1_conditional_and_w_guided():
-    x, t, y = torch.randn(4, 1, 4, 4), torch.tensor([3, 5, 7, 9]), torch.tensor([1, 2, 3, 7])
-    null = torch.full_like(y, 10)
-    kw = dict(null_label=10, mean_channels=1)
-    torch.testing.assert_close(classifier_free_guidance(fake_net, y, guidance_scale=1.0, **kw)(x, t), fake_net(x, t, y))
-    torch.testing.assert_close(classifier_free_guidance(fake_net, y, guidance_scale=0.0, **kw)(x, t), fake_net(x, t, null))
-    got = classifier_free_guidance(fake_net, y, guidance_scale=3.0, **kw)(x, t)
+    x, t = torch.randn(4, 1, 4, 4), torch.tensor([3, 5, 7, 9])
+    y, null = Conditioning(labels=torch.tensor([1, 2, 3, 7])), Conditioning(labels=torch.full((4,), 10))
+    kw = dict(mean_channels=1)
+    torch.testing.assert_close(classifier_free_guidance(fake_net, y, null, guidance_scale=1.0, **kw)(x, t), fake_net(x, t, y))
+    torch.testing.assert_close(classifier_free_guidance(fake_net, y, null, guidance_scale=0.0, **kw)(x, t), fake_net(x, t, null))
+    got = classifier_free_guidance(fake_net, y, null, guidance_scale=3.0, **kw)(x, t)
     cond, uncond = fake_net(x, t, y), fake_net(x, t, null)
     torch.testing.assert_close(got[:, :1], uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1]))
     torch.testing.assert_close(got[:, 1:], cond[:, 1:])  # the learned variance comes from the conditional call
     with pytest.raises(ValueError, match="guidance_scale=-1"):
-        classifier_free_guidance(fake_net, y, guidance_scale=-1, **kw)
+        Guidance(scale=-1)  # the one place guidance scales are checked
+    with pytest.raises(ValueError, match="classifier_scale=-0.5"):
+        Guidance(classifier_scale=-0.5)
 
 
 def _cond_module(num_classes=3):
@@ -60,7 +63,7 @@ def test_module_sample_w1_equals_conditional_sampler_and_w0_unconditional():
     m = _cond_module()
     sampler, seeds, y = DDIM(steps=5, clip_x0=False), [0, 1, 2], torch.tensor([0, 1, 2])
     x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    cond = sampler(lambda x, t: m.ema.module(x, t, y), x_T, m.schedule)
+    cond = sampler(lambda x, t: m.ema.module(x, t, Conditioning(labels=y)), x_T, m.schedule)
     uncond = sampler(lambda x, t: m.ema.module(x, t, None), x_T, m.schedule)
     torch.testing.assert_close(m.sample(sampler, seeds, labels=y, guidance_scale=1.0), cond)
     torch.testing.assert_close(m.sample(sampler, seeds, labels=y, guidance_scale=0.0), uncond)
@@ -237,6 +240,6 @@ def test_dynamic_thresholding_reaches_every_sampler_built_on_the_denoiser(sched,
 def test_reverse_diffusion_on_vp_with_too_few_steps_is_refused():
     """beta_max / N >= 1 would make sqrt(1 - beta_i) NaN in the DDPM discretisation (Song et al. 2021, App. E)."""
     with pytest.raises(ValueError, match="steps=4 is too few for predictor='reverse_diffusion' on the vp SDE"):
-        PC(steps=4).check_family(VPSDE())
-    PC(steps=4, predictor="euler_maruyama").check_family(VPSDE())  # no such limit
-    PC(steps=21).check_family(VPSDE())
+        PC(steps=4).check_model(VPSDE(), "fixed")
+    PC(steps=4, predictor="euler_maruyama").check_model(VPSDE(), "fixed")  # no such limit
+    PC(steps=21).check_model(VPSDE(), "fixed")

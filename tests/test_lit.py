@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.cli.sample import load_checkpoint
+from difflab.lit.checkpoint_io import read_checkpoint
 from difflab.diffusion import SimpleLoss, linear_betas
 from difflab.lit import DiffusionModule
 from difflab.lit.diffusion_module import EMADecay
@@ -73,8 +73,9 @@ def test_checkpoint_holds_config_and_loads_safely(tmp_path):
     ckpt = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "ok.ckpt")
-    loaded = load_checkpoint(tmp_path / "ok.ckpt")
-    assert loaded["difflab"]["config"] == {"model": {"ch": 16}} and loaded["difflab"]["parameterization"] == "eps"
+    loaded = read_checkpoint(tmp_path / "ok.ckpt")
+    assert loaded.config == {"model": {"ch": 16}} and loaded.contents["difflab"]["parameterization"] == "eps"
+    assert loaded.kind == "diffusion" and loaded.family == "ddpm"
 
 
 class _Exploit:
@@ -87,13 +88,13 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"difflab": {"config": {}}, "payload": _Exploit()}, f)
     with pytest.raises(ValueError, match="evil.ckpt"):
-        load_checkpoint(path)
+        read_checkpoint(path)
 
 
 def test_checkpoint_without_difflab_config_is_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="holds no difflab run config"):
-        load_checkpoint(tmp_path / "plain.ckpt")
+        read_checkpoint(tmp_path / "plain.ckpt")
 
 
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):

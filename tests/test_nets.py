@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from difflab.nets import AttnBlock, UNet, timestep_embedding
+from difflab.nets import AttnBlock, Conditioning, UNet, timestep_embedding
 from difflab.nets.blocks import num_groups
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -104,6 +104,8 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"t has shape \(3,\)"):
         net(torch.randn(2, 1, 8, 8), torch.zeros(3))
     with pytest.raises(ValueError, match="num_classes=None"):
+        net(torch.randn(2, 1, 8, 8), torch.zeros(2), cond=Conditioning(labels=torch.zeros(2, dtype=torch.long)))
+    with pytest.raises(TypeError, match="Conditioning\\(labels=y\\)"):
         net(torch.randn(2, 1, 8, 8), torch.zeros(2), cond=torch.zeros(2, dtype=torch.long))
 
 
@@ -153,15 +155,15 @@ def test_zero_init_output_and_time_dependence():
 def test_class_conditioning():
     net = tiny_unet(num_classes=10).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
-    out_a = net(x, t, cond=torch.tensor([1, 1]))
-    assert not torch.allclose(out_a, net(x, t, cond=torch.tensor([7, 7])))
-    torch.testing.assert_close(net(x, t), net(x, t, cond=torch.tensor([10, 10])))  # None = null label
+    out_a = net(x, t, cond=Conditioning(labels=torch.tensor([1, 1])))
+    assert not torch.allclose(out_a, net(x, t, cond=Conditioning(labels=torch.tensor([7, 7]))))
+    torch.testing.assert_close(net(x, t), net(x, t, cond=Conditioning(labels=torch.tensor([10, 10]))))  # None = null label
     assert net.class_embed.num_embeddings == 11
 
 
 def test_gradients_reach_every_parameter():
     net = tiny_unet(num_classes=4, num_heads=2).train()
-    out = net(torch.randn(3, 1, 8, 8), torch.rand(3) * 1000, cond=torch.tensor([0, 1, 4]))
+    out = net(torch.randn(3, 1, 8, 8), torch.rand(3) * 1000, cond=Conditioning(labels=torch.tensor([0, 1, 4])))
     out.square().mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None, name

@@ -116,7 +116,9 @@ def _resume_refused(tmp_path: Path, ckpt: Path, match: str):
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from difflab.cli.trainer_setup import build_module, build_trainer
+    from difflab.cli.trainer_setup import build_trainer
+
+    from difflab.lit.from_config import build_module
     from difflab.cli.config import config_dir
 
     GlobalHydra.instance().clear()
@@ -135,7 +137,7 @@ def _resume_refused(tmp_path: Path, ckpt: Path, match: str):
 
 def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
 
-    from difflab.cli.sample import load_checkpoint  # what difflab-sample and difflab-eval read with
+    from difflab.lit.checkpoint_io import read_checkpoint  # what difflab-sample and difflab-eval read with
 
     marker = tmp_path / "code_ran"
     ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
@@ -145,13 +147,13 @@ def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed,
     trainer = _resume_refused(tmp_path, evil, r"refusing to load checkpoint .*last.ckpt.*pickled Python objects")
     assert trainer.global_step == 0 and not marker.exists()
     with pytest.raises(ValueError, match="refusing to load checkpoint"):
-        load_checkpoint(evil)
+        read_checkpoint(evil)
     assert not marker.exists()
 
 
 def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and_resumed, tmp_path):
 
-    from difflab.cli.sample import load_checkpoint
+    from difflab.lit.checkpoint_io import read_checkpoint
 
     data = (straight_and_resumed["straight"] / "checkpoints" / "last.ckpt").read_bytes()
     cut = tmp_path / "checkpoints" / "last.ckpt"
@@ -160,7 +162,7 @@ def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and
     trainer = _resume_refused(tmp_path, cut, rf"checkpoint .*last.ckpt' \({len(data) // 2} bytes\) is truncated")
     assert trainer.global_step == 0 and cut.read_bytes() == data[: len(data) // 2]  # not overwritten
     with pytest.raises(ValueError, match="is truncated or not a torch checkpoint"):
-        load_checkpoint(cut)  # difflab-sample / difflab-eval
+        read_checkpoint(cut)  # difflab-sample / difflab-eval
 
 
 class _Exploit:
@@ -175,9 +177,9 @@ def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from difflab.cli.trainer_setup import build_module
+    from difflab.lit.from_config import build_module
     from difflab.cli.config import config_dir, to_container
-    from difflab.cli.sample import module_from_checkpoint
+    from difflab.lit.checkpoint_io import load_run
 
     path = straight_and_resumed["straight"] / "checkpoints" / "last.ckpt"
     ckpt = load(path)
@@ -199,7 +201,7 @@ def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
     with pytest.raises(ValueError, match=r"(?s)does not fit this model.*missing in checkpoint.*'ch_mult': \[1, 2, 2\]"):
-        module_from_checkpoint(bad, torch.device("cpu"))
+        load_run(bad)
 
 
 def test_rng_state_round_trip_and_per_rank_seeds():

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import difflab.lit.diffusion_module as diffusion_module
-import difflab.lit.score_module as score_module
+import difflab.samplers.generate as generate_module
 from difflab.diffusion import linear_betas
 from difflab.diffusion.sde import VPSDE
 from difflab.lit import DiffusionModule, ScoreModule
 from difflab.nets import UNet
 from difflab.samplers import DDIM, Heun
-from difflab.nets.inference import PrepackedConv2d, autocast_dtype, sampling_autocast, sampling_net
+from difflab.nets import Conditioning
+from difflab.nets.inference import PrepackedConv2d, autocast_dtype, precision_autocast, sampling_net
 
 
 def _net(**kwargs) -> UNet:
@@ -36,11 +36,11 @@ def _to_copies(fn, *args) -> int:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_sampling_net_equals_autocast_bit_for_bit_and_casts_no_weights(channels_last):
     net = _net(channels_last=channels_last, num_classes=3)
-    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 40]), torch.tensor([0, 2])
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 40]), Conditioning(labels=torch.tensor([0, 2]))
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = net(x, t, y)
-        fast = sampling_net(net)
+        fast = sampling_net(net, torch.bfloat16)
         got = fast(x, t, y)
         assert got.dtype == want.dtype == torch.bfloat16
         assert torch.equal(got, want)
@@ -108,7 +108,7 @@ def test_sampling_net_is_the_net_itself_when_nothing_to_gain():
     norm = nn.GroupNorm(2, 4)
     assert sampling_net(nn.Identity()).__class__ is nn.Identity
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert isinstance(sampling_net(norm), nn.GroupNorm)  # nothing autocast casts, nothing to prepack
+        assert isinstance(sampling_net(norm, torch.bfloat16), nn.GroupNorm)  # nothing autocast casts, nothing to prepack
     compiled = _net()
     compiled.compile()
     assert sampling_net(compiled) is compiled
@@ -120,11 +120,13 @@ def test_precision_names_and_bad_values():
     with pytest.raises(ValueError, match=r"precision='bf17' is not one of 32 .*bf16-mixed.*16-mixed"):
         autocast_dtype("bf17")
     with pytest.raises(ValueError, match="precision=64"):
-        sampling_autocast(64, "cpu")
-    with sampling_autocast(None, "cpu"):
+        autocast_dtype(64)
+    with precision_autocast(None, "cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16), sampling_autocast(32, "cpu"):
-        assert torch.is_autocast_enabled("cpu")  # 32 keeps the caller's context
+    with torch.autocast("cpu", dtype=torch.bfloat16), precision_autocast(None, "cpu"):
+        assert torch.is_autocast_enabled("cpu")  # None keeps the caller's context
+    with precision_autocast(torch.bfloat16, "cpu"):
+        assert torch.get_autocast_dtype("cpu") is torch.bfloat16
 
 
 def _ddpm_module() -> DiffusionModule:
@@ -137,7 +139,7 @@ def test_module_sample_in_bf16_equals_per_step_autocast(monkeypatch):
     kw = dict(seeds=[1, 2, 3], labels=[0, 1, 2], guidance_scale=2.0)
     fast = m.sample(DDIM(steps=5), precision="bf16-mixed", **kw)
     full = m.sample(DDIM(steps=5), **kw)
-    monkeypatch.setattr(diffusion_module, "sampling_net", lambda net: net)
+    monkeypatch.setattr(generate_module, "sampling_net", lambda net, dtype: net)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         slow = m.sample(DDIM(steps=5), **kw)  # autocast casting every weight at every step
     assert fast.dtype == torch.float32 and torch.equal(fast, slow)
@@ -150,7 +152,7 @@ def test_module_sample_in_bf16_equals_per_step_autocast(monkeypatch):
 def test_score_module_sample_in_bf16_equals_per_step_autocast(monkeypatch):
     m = ScoreModule(net=_net(), sde=VPSDE(), optimizer=torch.optim.Adam)
     fast = m.sample(Heun(steps=3), seeds=[4, 5], precision="bf16-mixed")
-    monkeypatch.setattr(score_module, "sampling_net", lambda net: net)
+    monkeypatch.setattr(generate_module, "sampling_net", lambda net, dtype: net)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         slow = m.sample(Heun(steps=3), seeds=[4, 5])
     assert torch.equal(fast, slow)

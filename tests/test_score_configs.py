@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difflab.cli.trainer_setup import build_module
+from difflab.lit.from_config import build_module
 from difflab.lit import ScoreModule
 from test_configs import compose_train, options
 

@@ -264,7 +264,7 @@ class Evaluation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_guidance_scales(self.guidance_scales, getattr(pl_module, "num_classes", None))
         for sampler in self.samplers.values():
-            sampler.validate(pl_module.schedule.T)
+            pl_module.check_sampler(sampler)
         self.metrics.to(pl_module.device)
         dm = trainer.datamodule
         n = dm.num_images(self.reference_split)

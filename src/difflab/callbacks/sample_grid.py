@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 from difflab.callbacks.evaluation import shard
 from difflab.data.transforms import to_uint8
 from difflab.samplers.base import Sampler
+from difflab.samplers.generate import Guidance
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
@@ -82,9 +83,7 @@ class SampleGrid(pl.Callback):
     ) -> None:
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and num_samples={num_samples} must be >= 1")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (0 unconditional, 1 conditional, > 1 guided)")
-        self.per_class, self.guidance_scale = per_class, float(guidance_scale)
+        self.per_class, self.guidance_scale = per_class, Guidance(scale=guidance_scale).scale  # checked there
         self.samplers = {k: v for k, v in samplers.items() if v is not None}  # samplers.<name>=null drops one
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.use_ema, self.at_train_end, self.dirname = use_ema, at_train_end, dirname
@@ -92,7 +91,7 @@ class SampleGrid(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for sampler in self.samplers.values():  # refuse bad sampler settings before training
-            sampler.validate(pl_module.schedule.T)
+            pl_module.check_sampler(sampler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

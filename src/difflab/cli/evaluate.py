@@ -17,7 +17,8 @@ from difflab.callbacks.evaluation import check_guidance_scales, evaluate_sampler
 from difflab.cli.config import config_dir, to_container
 from difflab.cli.process_setup import setup_process
 from difflab.cli.metrics import build_metrics
-from difflab.cli.sample import load_checkpoint, module_from_checkpoint, resolve_device
+from difflab.cli.sample import resolve_device
+from difflab.lit.checkpoint_io import load_run
 from difflab.data.transforms import to_model_range
 from difflab.diffusion.likelihood import bits_per_dim
 from difflab.diffusion.ode_likelihood import ode_bits_per_dim
@@ -25,7 +26,6 @@ from difflab.diffusion.schedules import NoiseSchedule
 from difflab.metrics.reference import ReferenceKey, load_or_compute
 from difflab.samplers import DDIM, DDPM
 from difflab.samplers.base import Sampler
-from difflab.samplers.families import check_sampler_fits
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.specs import FAST_SPEC, FAST_SPECS_HELP, parse_fast_sampler
 
@@ -140,11 +140,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size}: need num_samples >= 2, batch_size >= 1")
     rank, world, device = init_distributed(cfg.device)
-    run_cfg = OmegaConf.create(load_checkpoint(cfg.ckpt_path)["difflab"]["config"])
-    module = module_from_checkpoint(cfg.ckpt_path, device)
+    run = load_run(cfg.ckpt_path, device)
+    run_cfg, module = OmegaConf.create(run.config), run.module
     for s in samplers.values():
-        check_sampler_fits(s, module.schedule)
-        s.validate(module.schedule.T)
+        module.check_sampler(s)
     guidance_scales = list(cfg.get("guidance_scales") or []) or None
     check_guidance_scales(guidance_scales, module.num_classes)
     dataset = run_cfg.data_name

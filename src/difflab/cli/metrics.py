@@ -47,10 +47,11 @@ def build_extractor(
         return InceptionExtractor(weights_path=weights_path)
     if kind == "efficientnet_lite0":
         return EfficientNetLite0Extractor()
-    from difflab.cli.classifier_io import load_classifier
+    from difflab.cli.train_classifier import train_command
+    from difflab.lit.checkpoint_io import load_classifier
 
     path = Path(classifier_ckpt) if classifier_ckpt else classifier_path(cache_dir, dataset, image_size)
-    net = load_classifier(path)
+    net = load_classifier(path, missing_hint=f"; create it with: {train_command(path)}")
     return ClassifierExtractor(net=net, name=f"classifier_{path.stem}")
 
 

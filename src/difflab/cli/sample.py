@@ -13,45 +13,18 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
-from difflab.cli.trainer_setup import build_module
 from difflab.cli.config import config_dir
 from difflab.cli.process_setup import setup_process
 from difflab.data.transforms import to_uint8
-from difflab.lit import DiffusionModule, ScoreModule
-from difflab.lit.checkpoint_io import CorruptCheckpointError, UnsafeCheckpointError, safe_load
-from difflab.lit.resume import check_state_dict_fits
-from difflab.samplers.ddpm import DDPM, resolve_variance
-from difflab.samplers.families import check_sampler_fits, default_sampler_name
+from difflab.lit import DiffusionModule
+from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_run
+from difflab.lit.from_config import sampler_from_config
 from difflab.nets.inference import autocast_dtype
+from difflab.samplers.base import Sampler
+from difflab.samplers.families import check_sampler_fits, default_sampler_name
+from difflab.samplers.generate import Guidance, labels_tensor
 
 log = logging.getLogger("difflab")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a difflab checkpoint safely (weights_only: no pickled code runs)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist or is not a file")
-    try:
-        ckpt = safe_load(path, map_location="cpu")
-    except (UnsafeCheckpointError, CorruptCheckpointError):
-        raise
-    except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable difflab checkpoint: {err}") from err
-    if not isinstance(ckpt, dict) or not (ckpt.get("difflab") or {}).get("config"):
-        raise ValueError(f"ckpt_path={str(path)!r} holds no difflab run config; was it written by difflab-train?")
-    return ckpt
-
-
-def module_from_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule | ScoreModule:
-    """Rebuild the run's module from the config stored in the checkpoint and load its weights."""
-    ckpt = load_checkpoint(path)
-    config = ckpt["difflab"]["config"]
-    module = build_module(OmegaConf.create(config))
-    check_state_dict_fits(module.state_dict(), ckpt["state_dict"], source=f"ckpt_path={str(path)!r}",
-                          produced_by=config.get("model"))
-    module.load_state_dict(ckpt["state_dict"])
-    return module.to(device).eval()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,26 +48,14 @@ def sample_labels(label: Any, num_samples: int) -> list[int] | None:
 
 
 def guidance_kwargs(cfg: DictConfig, module: DiffusionModule, device: torch.device) -> dict[str, Any]:
-    """labels, guidance_scale and (with classifier_ckpt) the noise-aware classifier for module.sample."""
-    labels = sample_labels(cfg.get("label"), cfg.num_samples)
-    scale, cls_scale = float(cfg.get("guidance_scale", 1.0)), float(cfg.get("classifier_scale", 0.0))
-    if labels is not None and module.num_classes is not None:
-        bad = [y for y in labels if not 0 <= y < module.num_classes]
-        if bad:
-            raise ValueError(f"label={bad[0]} is outside 0..{module.num_classes - 1} (the model's num_classes={module.num_classes})")
-    if labels is not None and module.num_classes is None and not cfg.get("classifier_ckpt"):
-        raise ValueError("label was given but this checkpoint is unconditional (model.num_classes=null); "
-                         "train with model.num_classes=auto (e.g. experiment=digits_cfg) or pass classifier_ckpt=")
-    if scale < 0 or cls_scale < 0:
-        raise ValueError(f"guidance_scale={scale} and classifier_scale={cls_scale} must be >= 0")
-    out: dict[str, Any] = {"labels": labels, "guidance_scale": scale}
+    """guidance_scale and (with classifier_ckpt) the noise-aware classifier for module.sample (checked by Guidance)."""
+    guidance = Guidance(scale=float(cfg.get("guidance_scale", 1.0)), classifier_scale=float(cfg.get("classifier_scale", 0.0)))
+    out: dict[str, Any] = {"guidance_scale": guidance.scale}
     if cfg.get("classifier_ckpt"):
-        from difflab.cli.classifier_io import load_noisy_classifier
-
-        if labels is None:
+        if cfg.get("label") is None:
             raise ValueError("classifier_ckpt is set but label is null; classifier guidance steers towards label=<class>")
-        out["classifier"] = load_noisy_classifier(cfg.classifier_ckpt, module.schedule.T).to(device)
-        out["classifier_scale"] = cls_scale
+        out["classifier"] = load_classifier(cfg.classifier_ckpt, kind="noisy_classifier", T=module.schedule.T).to(device)
+        out["classifier_scale"] = guidance.classifier_scale
     return out
 
 
@@ -111,24 +72,34 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
     return stem
 
 
-def checkpoint_family(path: str | Path) -> str:
-    """The model family a checkpoint remembers ('ddpm' for checkpoints written before families existed)."""
-    return load_checkpoint(path)["difflab"].get("family", "ddpm")
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def choose_sampler(cfg: DictConfig, family: str):
-    """The sampler named on the command line, else the family's default (conf/sampler/<default>.yaml)."""
-    task = hydra.core.hydra_config.HydraConfig.get().overrides.task if hydra.core.hydra_config.HydraConfig.initialized() else []
-    named = any(o.split("=")[0].lstrip("+~") == "sampler" for o in task)
-    default = default_sampler_name(family)
-    if named or default == "ddim":
+def choose_sampler(cfg: DictConfig, run: LoadedRun) -> Sampler:
+    """The sampler named on the command line (sampler=...); else the one the run was configured with
+    (its config's `sampler`); else its family's default (conf/sampler/<default>.yaml). sampler.<option>=
+    overrides apply to whichever is chosen."""
+    task = _task_overrides()
+    if any(o.split("=")[0].lstrip("+~") == "sampler" for o in task):
         return hydra.utils.instantiate(cfg.sampler)
-    tweaks = [o for o in task if o.lstrip("+~").startswith("sampler.")]
-    if tweaks:
-        raise ValueError(f"{tweaks} set sampler options without naming a sampler; this {family!r} checkpoint "
-                         f"samples with sampler={default} by default: add sampler={default} (or another valid sampler)")
-    log.info("no sampler named: using sampler=%s, the default for a %s model", default, family)
-    return hydra.utils.instantiate(OmegaConf.load(Path(config_dir()) / "sampler" / f"{default}.yaml"))
+    tweaks = [o.lstrip("+") for o in task if o.lstrip("+~").startswith("sampler.")]
+    stored, source = run.config.get("sampler"), "the run's configured sampler"
+    if stored is None:
+        name = default_sampler_name(run.family)
+        stored, source = OmegaConf.to_container(hydra.compose("sample", [f"sampler={name}"]).sampler), \
+            f"sampler={name}, the default for a {run.family} model"
+    node = OmegaConf.create(stored)
+    for tweak in tweaks:
+        key = tweak.split("=")[0].removeprefix("sampler.")
+        if key.split(".")[0] not in node:
+            raise ValueError(f"{tweak!r}: {key!r} is not an option of {source} ({node._target_}); "
+                             f"its options: {sorted(k for k in node if k != '_target_')}")
+    node = OmegaConf.merge(node, OmegaConf.from_dotlist([t.removeprefix("sampler.") for t in tweaks]))
+    log.info("no sampler named: using %s%s", source, f" with {tweaks}" if tweaks else "")
+    return sampler_from_config(OmegaConf.to_container(node), source=f"ckpt_path={cfg.ckpt_path!r}")
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -136,15 +107,15 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
     autocast_dtype(cfg.precision)  # a bad name fails before the checkpoint loads
-    sampler = choose_sampler(cfg, checkpoint_family(cfg.ckpt_path))
+    labels = sample_labels(cfg.get("label"), cfg.num_samples)
     device = resolve_device(cfg.device)
-    module = module_from_checkpoint(cfg.ckpt_path, device)
-    check_sampler_fits(sampler, module.schedule)
-    sampler.validate(module.schedule.T)
-    if isinstance(sampler, DDPM):  # a learned-variance setting on a fixed-variance model fails here, not mid-run
-        resolve_variance(sampler.variance, getattr(module, "model_variance", "fixed"))
+    run = load_run(cfg.ckpt_path, device)
+    module = run.module
+    sampler = choose_sampler(cfg, run)
+    check_sampler_fits(sampler, module.schedule, module.model_variance)
     kwargs = guidance_kwargs(cfg, module, device)
-    labels = kwargs.pop("labels")
+    # every label checked now, not when its batch comes
+    labels_tensor(labels, cfg.num_samples, module.num_classes, device, for_classifier="classifier" in kwargs)
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = []

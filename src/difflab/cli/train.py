@@ -12,7 +12,9 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
-from difflab.cli.trainer_setup import build_module, build_trainer
+from difflab.cli.trainer_setup import build_trainer
+
+from difflab.lit.from_config import build_module
 from difflab.cli.cluster import hand_signal_to_lightning
 from difflab.cli.config import config_dir, to_container
 from difflab.cli.process_setup import setup_process

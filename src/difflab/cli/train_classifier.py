@@ -7,6 +7,7 @@ ${paths.cache_dir}/classifiers/<data>_<image_size>px.ckpt, and read back with lo
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import hydra
@@ -15,14 +16,31 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.cli.trainer_setup import build_trainer
-from difflab.cli.classifier_io import load_classifier, save_atomic, train_command
 from difflab.cli.config import config_dir, to_container
 from difflab.cli.process_setup import setup_process
+from difflab.lit.checkpoint_io import load_classifier
 from difflab.lit.classifier import ClassifierModule
 
 __all__ = ["build_classifier_module", "load_classifier", "main", "train_classifier", "train_command"]
 
 log = logging.getLogger("difflab")
+_DEFAULT_NAME = re.compile(r"^(?P<data>[A-Za-z0-9_]+)_(?P<size>\d+)px\.ckpt$")  # out_path's default file name
+
+
+def train_command(path: str | Path) -> str:
+    """The command that writes a classifier to `path` (data and size read from a default file name)."""
+    match = _DEFAULT_NAME.match(Path(path).name)
+    data, size = (match["data"], match["size"]) if match else ("digits", "8")
+    out_path = Path(path).expanduser().resolve()
+    return f"difflab-train-classifier data={data} data.image_size={size} out_path={out_path}"
+
+
+def save_atomic(trainer: pl.Trainer, path: str | Path) -> Path:
+    """trainer.save_checkpoint(path): weights + on_save_checkpoint's config. Atomic through the
+    trainer's AtomicCheckpointIO plugin (trainer/default.yaml), which every difflab trainer uses."""
+    path = Path(path).expanduser().resolve()
+    trainer.save_checkpoint(path, weights_only=True)
+    return path
 
 
 def build_classifier_module(cfg: DictConfig) -> ClassifierModule:

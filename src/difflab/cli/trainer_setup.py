@@ -1,4 +1,4 @@
-"""Turn a resolved run config into the objects of a run. The only room that calls instantiate."""
+"""The Lightning Trainer of a run from its config: callbacks, loggers, plugins, GPU and precision checks."""
 
 from __future__ import annotations
 
@@ -6,58 +6,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.cli.cluster import slurm_plugins
-from difflab.lit import DiffusionModule, ScoreModule
 from difflab.lit.mixed_precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
-
-
-def data_num_classes(cfg: DictConfig) -> int:
-    """num_classes of the configured data module's class (no data is loaded); refuses unlabelled data."""
-    k = getattr(get_class(cfg.data._target_), "num_classes", None)
-    if k is None:
-        raise ValueError(
-            f"model.num_classes=auto but data {cfg.data._target_} has no class labels; use an unconditional "
-            "model (model.num_classes=null) or labelled data (digits, mnist, fashion_mnist, cifar10)"
-        )
-    return int(k)
-
-
-def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
-    """model.num_classes=auto -> the data's class count; out_channels=null -> 2C for learned-variance objectives."""
-    out: dict[str, Any] = {}
-    if cfg.model.get("num_classes") == "auto":
-        out["num_classes"] = data_num_classes(cfg)
-    if cfg.model.get("out_channels", "absent") is None and getattr(objective, "variance", "fixed") != "fixed":
-        out["out_channels"] = 2 * int(cfg.model.in_channels)
-    return out
-
-
-def build_module(cfg: DictConfig) -> DiffusionModule | ScoreModule:
-    """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
-    score = str(cfg.module.get("_target_", "")).endswith("ScoreModule")
-    if (cfg.get("sde") is not None) != score:
-        raise ValueError(
-            f"sde={'set' if cfg.get('sde') is not None else 'null'} does not fit module={cfg.module.get('_target_')}: "
-            "a score model needs both module=score and sde=vp|subvp|ve|ncsn (e.g. experiment=digits_vpsde); "
-            "a DDPM needs module=diffusion and sde=null"
-        )
-    if score:  # score-based model: NCSN or a continuous-time SDE
-        return instantiate(cfg.module, net=instantiate(cfg.model), sde=instantiate(cfg.sde),
-                           optimizer=instantiate(cfg.optimizer), _convert_="all")
-    objective = instantiate(cfg.objective)
-    extra = {"timestep_sampler": instantiate(cfg.timestep_sampler)} if cfg.get("timestep_sampler") else {}
-    return instantiate(
-        cfg.module,
-        net=instantiate(cfg.model, **net_overrides(cfg, objective)),
-        betas=instantiate(cfg.schedule),
-        objective=objective,
-        optimizer=instantiate(cfg.optimizer),
-        _convert_="all",
-        **extra,
-    )
 
 
 def build_list(group: DictConfig | None) -> list[Any]:

@@ -16,7 +16,12 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from difflab.diffusion.schedules import NoiseSchedule
+from difflab.diffusion.sde import NoiseFamily
 from difflab.lit import resume
+from difflab.samplers.base import Callback, Sampler
+from difflab.samplers.families import check_sampler_fits
+from difflab.samplers.generate import Guidance, generate
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -118,6 +123,7 @@ class TrainingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["difflab"] = {
             "config": self.run_config,
+            "kind": "diffusion",  # what difflab-train wrote (lit/checkpoint_io.py reads it back)
             "rng": resume.gather_rng_states(),  # one entry per rank (a collective: every rank saves)
             **self.checkpoint_state(),
         }
@@ -145,12 +151,55 @@ class TrainingModule(pl.LightningModule):
 
     # -- sampling -------------------------------------------------------------------------------------
 
-    def initial_noise(self, net: nn.Module, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:
-        """x_T ~ N(0, I) (len(seeds), C, H, W) and one generator per sample, sample i seeded by seeds[i]."""
-        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        shape = (net.in_channels, net.image_size, net.image_size)
-        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators]), generators
-
     @property
     def parameterization(self) -> str:
         raise NotImplementedError
+
+    @property
+    def schedule(self) -> NoiseSchedule | NoiseFamily:
+        """The noise schedule (DDPM) or family (score models) the net was trained under."""
+        raise NotImplementedError
+
+    @property
+    def model_variance(self) -> str:
+        """'fixed', or what a learned-variance net's extra output channels mean ('learned', 'learned_range')."""
+        return "fixed"
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional net (its null label is num_classes), else None."""
+        return getattr(self.net, "num_classes", None)
+
+    def check_sampler(self, sampler: Sampler) -> None:
+        """Refuse a sampler that cannot run on this model (callbacks call it before training starts)."""
+        check_sampler_fits(sampler, self.schedule, self.model_variance)
+
+    def sample(
+        self,
+        sampler: Sampler,
+        seeds: Sequence[int],
+        *,
+        use_ema: bool = True,
+        callback: Callback = None,
+        labels: Sequence[int] | Tensor | None = None,
+        guidance_scale: float = 1.0,
+        classifier: nn.Module | None = None,
+        classifier_scale: float = 0.0,
+        precision: str | int | None = None,
+    ) -> Tensor:
+        """Images in [-1, 1], (len(seeds), C, H, W), through generate() (samplers/generate.py) with the EMA or raw net.
+
+        labels condition a class-conditional net with classifier-free scale w = guidance_scale, or steer
+        the noise-aware `classifier` with scale classifier_scale. The net runs in eval mode and gets its
+        train/eval mode back whatever happens, a refused call included.
+        """
+        guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
+        net = self.ema.module if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        try:
+            return generate(net, self.schedule, sampler, seeds, parameterization=self.parameterization,
+                            model_variance=self.model_variance, labels=labels, guidance=guidance,
+                            precision=precision, callback=callback)
+        finally:
+            net.train(was_training)

@@ -1,15 +1,27 @@
-"""Checkpoint writing that never leaves a half-written file in place of a good one."""
+"""The one checkpoint reader (safe: tensors and plain containers only) and writing that never leaves a
+half-written file in place of a good one.
+
+`read_checkpoint` reads a file once; `load_run` rebuilds a training run's module from the config the
+checkpoint carries (difflab-sample, difflab-eval, notebooks); `load_classifier` rebuilds a feature or
+noise-aware classifier (metrics, classifier guidance); resume goes through `AtomicCheckpointIO`,
+which reads with the same `safe_load`.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from difflab.lit.from_config import build_module, checked_stored_config, classifier_net_from_config
+from difflab.lit.resume import check_state_dict_fits
 
 
 # Globals a difflab checkpoint may hold beyond tensors and plain containers. Nothing so far:
@@ -76,3 +88,106 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+# what difflab.kind says in a checkpoint; training runs written before kinds existed have none
+RUN_KINDS = ("diffusion", "classifier", "noisy_classifier")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A difflab checkpoint read once: the file's contents and what callers ask of them."""
+
+    path: Path
+    contents: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved Hydra config of the run that wrote it."""
+        return self.contents["difflab"]["config"]
+
+    @property
+    def kind(self) -> str:
+        """'diffusion' (a difflab-train run: DDPM or score model), 'classifier' or 'noisy_classifier'."""
+        return self.contents["difflab"].get("kind", "diffusion")
+
+    @property
+    def family(self) -> str:
+        """The model family: 'ddpm' (also for checkpoints written before families existed), 'ncsn', 'vp', 'subvp', 've'."""
+        return self.contents["difflab"].get("family", "ddpm")
+
+    @property
+    def state_dict(self) -> dict[str, Any]:
+        return self.contents["state_dict"]
+
+    @property
+    def global_step(self) -> int:
+        return int(self.contents.get("global_step", 0))
+
+    def require_kind(self, kind: str, *, hint: str = "") -> None:
+        """Raise unless this checkpoint is of `kind`, naming what it is instead."""
+        if self.kind != kind:
+            raise ValueError(f"{str(self.path)!r} is a difflab checkpoint of kind {self.kind!r}, not {kind!r}{hint}")
+
+
+def read_checkpoint(path: str | os.PathLike, *, name: str = "ckpt_path", missing_hint: str = "") -> Checkpoint:
+    """Read a difflab checkpoint once, safely (weights_only: no pickled code runs); refuse non-difflab files."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}={str(path)!r} does not exist or is not a file{missing_hint}")
+    try:
+        contents = safe_load(path, map_location="cpu")
+    except (UnsafeCheckpointError, CorruptCheckpointError):
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and the reason
+        raise ValueError(f"{name}={str(path)!r} is not a readable difflab checkpoint: {err}") from err
+    if not isinstance(contents, dict) or not (contents.get("difflab") or {}).get("config"):
+        raise ValueError(f"{name}={str(path)!r} holds no difflab run config; was it written by difflab-train?")
+    return Checkpoint(path=path, contents=contents)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A training run's module rebuilt from its checkpoint, in eval mode, with what callers need besides."""
+
+    module: Any  # DiffusionModule | ScoreModule
+    checkpoint: Checkpoint
+    config: dict[str, Any]  # the run's config, moved _target_ names updated and checked (from_config.py)
+
+    @property
+    def family(self) -> str:
+        return self.checkpoint.family
+
+
+def load_run(path: str | os.PathLike, device: torch.device | str = "cpu", *, name: str = "ckpt_path") -> LoadedRun:
+    """Read a difflab-train checkpoint once, rebuild its module from the stored config and load its weights."""
+    ckpt = read_checkpoint(path, name=name)
+    ckpt.require_kind("diffusion", hint="; difflab-sample and difflab-eval read difflab-train checkpoints")
+    source = f"{name}={str(ckpt.path)!r}"
+    config = checked_stored_config(ckpt.config, source=source)
+    module = build_module(config)
+    check_state_dict_fits(module.state_dict(), ckpt.state_dict, source=source, produced_by=ckpt.config.get("model"))
+    module.load_state_dict(ckpt.state_dict)
+    return LoadedRun(module=module.to(device).eval(), checkpoint=ckpt, config=config)
+
+
+CLASSIFIER_KINDS = ("classifier", "noisy_classifier")
+
+
+def load_classifier(path: str | os.PathLike, *, kind: str = "classifier", T: int | None = None,
+                    missing_hint: str = "", name: str = "classifier_ckpt") -> nn.Module:
+    """The net of a difflab-train-classifier checkpoint of `kind`, in eval mode; a noise-aware one must match T."""
+    if kind not in CLASSIFIER_KINDS:
+        raise ValueError(f"kind={kind!r} is not a classifier kind; choose one of {CLASSIFIER_KINDS}")
+    ckpt = read_checkpoint(path, name=name, missing_hint=missing_hint)
+    ckpt.require_kind(kind, hint=missing_hint.replace("; create it", "; create one"))
+    if T is not None:
+        trained_T = int((ckpt.config.get("schedule") or {}).get("T", -1))
+        if trained_T != T:
+            raise ValueError(
+                f"{name}={str(ckpt.path)!r} was trained on a schedule with T={trained_T}, the model has T={T}; "
+                f"train it with schedule.T={T} (and the model's schedule) for classifier guidance"
+            )
+    net = classifier_net_from_config(ckpt.config, source=f"{name}={str(ckpt.path)!r}")
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt.state_dict.items() if k.startswith("net.")})
+    return net.eval()

@@ -13,8 +13,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
 
-BF16_MIXED = ("bf16-mixed", "bf16")  # Lightning's names for bf16 autocast (the short one is its legacy alias)
-FP16_MIXED = ("16-mixed", "16", 16)
+from difflab.nets.inference import BF16_MIXED, FP16_MIXED  # noqa: F401 (the one precision vocabulary)
 
 
 class BF16MixedPrecision(MixedPrecision):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,9 +11,6 @@ from difflab.diffusion.process import randn_like
 from difflab.diffusion.score_objectives import DenoisingScoreMatching, Weighting, sample_times
 from difflab.diffusion.sde import NoiseFamily
 from difflab.lit.base import OptimizerFactory, TrainingModule
-from difflab.samplers.base import Callback, Sampler
-from difflab.samplers.families import check_sampler_fits
-from difflab.nets.inference import sampling_autocast, sampling_net
 
 
 class ScoreModule(TrainingModule):
@@ -72,36 +69,5 @@ class ScoreModule(TrainingModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss
 
-    def setup(self, stage: str) -> None:
-        """Refuse samplers of callbacks that cannot run on this family, before training starts."""
-        super().setup(stage)
-        trainer = self._trainer
-        for cb in trainer.callbacks if trainer is not None else []:
-            for sampler in getattr(cb, "samplers", {}).values():
-                check_sampler_fits(sampler, self.sde)
-
     def checkpoint_state(self) -> dict[str, Any]:
         return {"parameterization": self.parameterization, "family": self.family}
-
-    @torch.inference_mode()
-    def sample(self, sampler: Sampler, seeds: Sequence[int], *, use_ema: bool = True, callback: Callback = None,
-               labels: Sequence[int] | Tensor | None = None, precision: str | int | None = None,
-               **guidance: Any) -> Tensor:
-        """Images in [-1, 1], (len(seeds), C, H, W); sample i draws all its noise from seed seeds[i].
-
-        precision bf16-mixed / 16-mixed: autocast, as DiffusionModule.sample; None or 32: the caller's context.
-        """
-        if labels is not None or guidance.get("classifier") is not None:
-            raise ValueError(f"labels / guidance were given but this {self.family!r} score model is unconditional; "
-                             "class conditioning and guidance exist for DDPM models (experiment=digits_cfg)")
-        check_sampler_fits(sampler, self.sde)
-        net = self.ema.module if use_ema else self.net
-        was_training = net.training
-        net.eval()
-        x_T, generators = self.initial_noise(net, seeds)
-        try:
-            with sampling_autocast(precision, self.device.type):
-                return sampler(sampling_net(net), x_T, self.sde, parameterization=self.parameterization,
-                               generator=generators, callback=callback)
-        finally:
-            net.train(was_training)

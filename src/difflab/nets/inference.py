@@ -1,6 +1,6 @@
-"""How a sampler's network runs: its precision (autocast) and weights prepared once per sampling call.
+"""How a network runs at inference: the one precision vocabulary, and weights prepared once per sampling call.
 
-Precision names are Lightning's (32, bf16-mixed, 16-mixed). Under autocast every conv/linear call
+Precision names are Lightning's (32, bf16-mixed, 16-mixed), for training and sampling alike. Under autocast every conv/linear call
 casts its float32 weight to the autocast dtype, and on CPU oneDNN reorders every conv weight at
 every call; `sampling_net` does that work once per sampling call, so a 50-1000 step sampler does
 not pay it at every step.
@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# sampling precisions by Lightning's names: None runs float32 without autocast
+# precisions by Lightning's names: None runs float32 without autocast
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
     "16-mixed": torch.float16, "16": torch.float16,
 }
+BF16_MIXED = ("bf16-mixed", "bf16")  # Lightning's names for bf16 autocast (the short one is its legacy alias)
+FP16_MIXED = ("16-mixed", "16", 16)
 
 
 @functools.cache
@@ -107,14 +109,14 @@ class CastLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def sampling_net(net: nn.Module) -> nn.Module:
+def sampling_net(net: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """`net` as one sampling call should run it: the same outputs bit for bit, without per-step weight work.
 
     Under autocast every float32 conv/linear weight is cast at every call, and the casts are cached
     only for leaves that require grad, which an EMA copy does not: a 50-step sampler recast the
     whole network 50 times. On CPU oneDNN also reorders every conv weight at every call. Returned:
     a structural copy of `net` sharing its tensors, whose Conv2d and Linear layers hold their
-    weights cast once to the active autocast dtype (float32 without autocast) and whose CPU
+    weights cast once to `dtype` (the autocast dtype the caller runs under; None: float32) and whose CPU
     convolutions are prepacked (`PrepackedConv2d`); `net` itself when there is nothing to gain
     (no parameters, compiled, or no autocast and not on CPU). Other layers keep autocast's
     per-call casts (norms and embeddings stay float32 under autocast anyway). Inference only: no
@@ -124,10 +126,10 @@ def sampling_net(net: nn.Module) -> nn.Module:
     if first is None or getattr(net, "_compiled_call_impl", None) is not None:  # torch.compile'd: as it is
         return net
     device = first.device.type
-    lowp = torch.is_autocast_enabled(device)
+    lowp = dtype is not None
     if not lowp and device != "cpu":
         return net
-    dtype = torch.get_autocast_dtype(device) if lowp else torch.float32
+    dtype = dtype or torch.float32
     shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
     fast = copy.deepcopy(net, memo=dict(shared))  # modules copied, tensors shared
     for module in list(fast.modules()):
@@ -148,7 +150,11 @@ def autocast_dtype(precision: str | int) -> torch.dtype | None:
     return AUTOCAST_DTYPES[key]
 
 
-def sampling_autocast(precision: str | int | None, device_type: str) -> ContextManager[Any]:
-    """Autocast on device_type for a sampling precision; None or 32 leaves the caller's context as it is."""
-    dtype = None if precision is None else autocast_dtype(precision)
+def active_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast the caller runs under on device_type, or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def precision_autocast(dtype: torch.dtype | None, device_type: str) -> ContextManager[Any]:
+    """Autocast to dtype on device_type; None leaves the caller's context as it is."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

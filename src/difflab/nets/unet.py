@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.nets.conditioning import Conditioning
 from difflab.nets.blocks import AttnBlock, Downsample, ResBlock, Upsample, conv2d, group_norm, linear
 from difflab.nets.embeddings import SinusoidalEmbedding
 
@@ -197,17 +198,18 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
-        # x: (B, C_in, H, W), t: (B,) or scalar, cond: (B,) int labels in [0, num_classes] or None
+    def forward(self, x: Tensor, t: Tensor | float, cond: Conditioning | None = None) -> Tensor:
+        # x: (B, C_in, H, W), t: (B,) or scalar, cond.labels: (B,) int labels in [0, num_classes] or None
         self._check_input(x)
+        labels = self._cond_labels(cond)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # (B, C_in, H, W) stored NHWC
         temb = self.time_embed(self._broadcast_t(t, x))  # (B, 4ch)
         if self.class_embed is not None:
-            temb = temb + self.class_embed(self._labels(cond, x))  # (B, 4ch)
-        elif cond is not None:
+            temb = temb + self.class_embed(self._labels(labels, x))  # (B, 4ch)
+        elif labels is not None:
             raise ValueError(
-                "cond was given but this UNet has num_classes=None; pass num_classes to condition"
+                "cond.labels was given but this UNet has num_classes=None; pass num_classes to condition"
             )
         hs = self._down(self.conv_in(x), temb)
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)  # (B, ch*ch_mult[-1], h, w)
@@ -253,10 +255,23 @@ class UNet(nn.Module):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or shape ({B},)")
         return t
 
-    def _labels(self, cond: Tensor | None, x: Tensor) -> Tensor:
-        B = x.shape[0]
+    @staticmethod
+    def _cond_labels(cond: Conditioning | None) -> Tensor | None:
+        """The class labels of `cond` (the fields this net reads); refuses a bare tensor and unread fields."""
         if cond is None:
+            return None
+        if not isinstance(cond, Conditioning):
+            raise TypeError(f"cond must be a difflab.nets.Conditioning or None, got {type(cond).__name__}; "
+                            "wrap class labels as Conditioning(labels=y)")
+        unread = sorted(set(cond.tensors()) - {"labels"})
+        if unread:
+            raise ValueError(f"cond sets {unread}, which this UNet does not read (it reads labels)")
+        return cond.labels
+
+    def _labels(self, labels: Tensor | None, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        if labels is None:
             return torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)  # null label
-        if cond.shape != (B,):
-            raise ValueError(f"cond has shape {tuple(cond.shape)}; expected ({B},) class indices")
-        return cond
+        if labels.shape != (B,):
+            raise ValueError(f"cond.labels has shape {tuple(labels.shape)}; expected ({B},) class indices")
+        return labels

@@ -11,8 +11,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from difflab.diffusion.denoiser import Denoiser, Prediction
 from difflab.diffusion.process import Parameterization, eps_from_x0, x0_eps_from_output
 from difflab.diffusion.schedules import NoiseSchedule, extract
+from difflab.diffusion.sde import NoiseFamily, as_family
 from difflab.diffusion.thresholding import check_dynamic_percentile, dynamic_threshold, threshold_x0  # noqa: F401 (re-exported)
 from difflab.diffusion.variance import split_variance_output
 
@@ -27,12 +29,16 @@ StepFn = Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
 
 
 class Sampler(Protocol):
-    """What the Lightning module, callbacks and CLI rely on.
+    """What generate() relies on (every sampler derives from SamplerBase, which supplies the defaults).
 
-    Samplers that support learned variances and classifier guidance (DDPM, DDIM) also take the
-    keywords `model_variance` ('fixed' | 'learned' | 'learned_range') and `cond_fn`; callers pass
-    them only when they are not the defaults, so other samplers need not accept them.
+    Capabilities are declared, not inferred from types: a sampler with
+    `supports_learned_variance` takes the keyword `model_variance` ('fixed' | 'learned' |
+    'learned_range') and reads the net's variance channels; one with `supports_classifier_guidance`
+    takes `cond_fn`. generate() passes them only to samplers that declare them.
     """
+
+    supports_learned_variance: bool
+    supports_classifier_guidance: bool
 
     @property
     def name(self) -> str: ...
@@ -40,6 +46,8 @@ class Sampler(Protocol):
     def nfe(self, T: int) -> int: ...
 
     def validate(self, T: int) -> None: ...
+
+    def check_model(self, family: NoiseFamily, model_variance: str) -> None: ...
 
     def __call__(
         self,
@@ -51,6 +59,19 @@ class Sampler(Protocol):
         generator: Generator = None,
         callback: Callback = None,
     ) -> Tensor: ...
+
+
+class SamplerBase:
+    """Defaults of the Sampler protocol: no learned variance, no classifier guidance, any model family."""
+
+    supports_learned_variance = False
+    supports_classifier_guidance = False
+
+    def validate(self, T: int) -> None:
+        """Fail before sampling when a setting does not fit a model of T steps (default: every setting fits)."""
+
+    def check_model(self, family: NoiseFamily, model_variance: str) -> None:
+        """Fail before sampling when this sampler cannot run on the model (default: it runs on every family)."""
 
 
 def predict(
@@ -123,7 +144,55 @@ def reverse_loop(
     return x
 
 
+def check_discrete_family(sampler_name: str, family: NoiseFamily) -> None:
+    """The discrete-time samplers (DDPM, DDIM) run on DDPM models only; name the samplers that run on others."""
+    if family.name != "ddpm":
+        raise ValueError(
+            f"sampler {sampler_name!r} needs a discrete-time DDPM model; this model is {family.name!r}. "
+            "Use heun, dpmpp, ode or ald (any model) or pc (score SDEs)"
+        )
+
+
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     """Raise ValueError naming the option, its bad value and the allowed values."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}")
+
+
+def start_noise(x_T: Tensor, family: NoiseFamily) -> Tensor:
+    """x_hat at sigma_hat_max from standard normal x_T: x_T times the prior std in x_hat coordinates."""
+    return x_T * family.x_hat_prior_std
+
+
+class DenoiserSampler(SamplerBase):
+    """Base of the samplers that work through the one denoiser adapter: any family, any prediction.
+
+    __call__ has the signature of every sampler (model_fn, x_T, schedule); subclasses implement run()
+    on the Denoiser it builds, with x_T ~ N(0, I) unscaled.
+    """
+
+    clip_x0 = False
+    dynamic_percentile: float | None = None  # subclasses make both dataclass fields
+
+    def check_thresholding(self) -> None:
+        """Refuse a bad dynamic_percentile when the sampler is built (called from __post_init__)."""
+        check_dynamic_percentile(self.dynamic_percentile)
+
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
+        """Images from standard normal x_T under `family`, sampled through `denoiser`."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        x_T: Tensor,
+        schedule: NoiseSchedule | NoiseFamily,
+        *,
+        parameterization: Prediction = "eps",
+        generator: Generator = None,
+        callback: Callback = None,
+    ) -> Tensor:
+        family = as_family(schedule)
+        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0,
+                            dynamic_percentile=self.dynamic_percentile)
+        return self.run(denoiser, family, x_T, generator, callback)

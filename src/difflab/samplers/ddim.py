@@ -12,6 +12,7 @@ from torch import Tensor
 
 from difflab.diffusion.process import Parameterization, randn_like, x0_from_eps
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.diffusion.sde import NoiseFamily
 from difflab.diffusion.variance import ModelVariance, check_model_variance, learned_log_variance, respace
 from difflab.samplers.base import (
     Callback,
@@ -19,7 +20,9 @@ from difflab.samplers.base import (
     Generator,
     ModelFn,
     check_choice,
+    SamplerBase,
     check_dynamic_percentile,
+    check_discrete_family,
     reverse_loop,
 )
 
@@ -106,7 +109,7 @@ def ddim_sample(
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDIM:
+class DDIM(SamplerBase):
     """Config object for `ddim_sample`: S=steps, eta, and the timestep spacing."""
 
     steps: int = 50
@@ -130,9 +133,17 @@ class DDIM:
     def nfe(self, T: int) -> int:
         return self.steps
 
+    supports_learned_variance = True
+    supports_classifier_guidance = True
+
     def validate(self, T: int) -> None:
         """Fail before sampling when the step count or spacing does not fit T."""
         ddim_timesteps(T, self.steps, self.spacing)
+
+    def check_model(self, family: NoiseFamily, model_variance: str) -> None:
+        """DDPM models only, with a fixed or learned variance."""
+        check_discrete_family(self.name, family)
+        check_model_variance(model_variance)
 
     def __call__(
         self,

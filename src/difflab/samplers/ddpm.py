@@ -16,6 +16,7 @@ from difflab.diffusion.process import (
     randn_like,
 )
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.diffusion.sde import NoiseFamily
 from difflab.diffusion.variance import (
     LEARNED_VARIANCES,
     ModelVariance,
@@ -29,7 +30,9 @@ from difflab.samplers.base import (
     Generator,
     ModelFn,
     check_choice,
+    SamplerBase,
     check_dynamic_percentile,
+    check_discrete_family,
     reverse_loop,
 )
 from difflab.samplers.ddim import Spacing, ddim_timesteps
@@ -107,7 +110,7 @@ def ddpm_sample(
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDPM:
+class DDPM(SamplerBase):
     """Config object for `ddpm_sample`: variance auto | fixed_small (beta_tilde) | fixed_large (beta) | learned; steps=None is all T."""
 
     variance: Variance = "auto"
@@ -130,10 +133,18 @@ class DDPM:
     def nfe(self, T: int) -> int:
         return T if self.steps is None else self.steps
 
+    supports_learned_variance = True
+    supports_classifier_guidance = True
+
     def validate(self, T: int) -> None:
         """Fail before sampling when a respaced step count does not fit T."""
         if self.steps is not None:
             ddim_timesteps(T, self.steps, self.spacing)
+
+    def check_model(self, family: NoiseFamily, model_variance: str) -> None:
+        """DDPM models only; a learned-variance setting on a fixed-variance model fails here, not mid-run."""
+        check_discrete_family(self.name, family)
+        resolve_variance(self.variance, model_variance)
 
     def __call__(
         self,

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily, as_family
-from difflab.samplers.ddim import DDIM
-from difflab.samplers.ddpm import DDPM
-from difflab.samplers.predictor_corrector import PC
+from difflab.samplers.base import Sampler
 
 FAMILIES = ("ddpm", "ncsn", "vp", "subvp", "ve")
-# the sampler config (conf/sampler/<name>.yaml) difflab-sample uses when none is named
+# the sampler config (conf/sampler/<name>.yaml) used when neither the command nor the run names one
 DEFAULT_SAMPLER = {"ddpm": "ddim", "ncsn": "ald", "vp": "pc", "subvp": "pc", "ve": "pc"}
 
 
-def check_sampler_fits(sampler: object, family: NoiseFamily | NoiseSchedule) -> None:
-    """Raise a clear error when a sampler is not valid for a model family."""
+def check_sampler_fits(sampler: Sampler, family: NoiseFamily | NoiseSchedule, model_variance: str = "fixed") -> None:
+    """Raise a clear error when a sampler cannot run on a model (its family, its step count, its variance)."""
     fam = as_family(family)
-    if isinstance(sampler, (DDPM, DDIM)) and fam.name != "ddpm":
-        raise ValueError(
-            f"sampler {sampler.name!r} needs a discrete-time DDPM model; this model is {fam.name!r}. "
-            "Use heun, dpmpp, ode or ald (any model) or pc (score SDEs)"
-        )
-    if isinstance(sampler, PC):
-        sampler.check_family(fam)
+    sampler.validate(fam.T)
+    sampler.check_model(fam, model_variance)
 
 
 def default_sampler_name(family: str) -> str:

@@ -1,7 +1,7 @@
 """Guidance as wrappers of the network call: classifier-free (Ho & Salimans 2022) and classifier gradients (Dhariwal & Nichol 2021).
 
 Samplers stay unchanged: classifier-free guidance builds a model_fn(x_t, t) from a conditional
-net_fn(x_t, t, cond); classifier guidance builds the cond_fn(x_t, t) = s grad log p(y | x_t) that
+net_fn(x_t, t, cond) and the conditioning's null version; classifier guidance builds the cond_fn(x_t, t) = s grad log p(y | x_t) that
 DDPM adds to its mean (times Sigma) and DDIM subtracts from eps (times sqrt(1 - alpha_bar)).
 """
 
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab.nets.conditioning import Conditioning
 from difflab.samplers.base import CondFn, ModelFn
 
-NetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # net(x_t, t, cond) -> output
+NetFn = Callable[[Tensor, Tensor, Conditioning | None], Tensor]  # net(x_t, t, cond) -> output
 
 
 def guided_output(cond: Tensor, uncond: Tensor, w: float, mean_channels: int) -> Tensor:
@@ -25,24 +26,22 @@ def guided_output(cond: Tensor, uncond: Tensor, w: float, mean_channels: int) ->
 
 
 def classifier_free_guidance(
-    net_fn: NetFn, labels: Tensor, *, null_label: int, guidance_scale: float, mean_channels: int
+    net_fn: NetFn, cond: Conditioning, null: Conditioning, *, guidance_scale: float, mean_channels: int
 ) -> ModelFn:
     """model_fn with w = guidance_scale: 0 the unconditional model, 1 the conditional one, > 1 guided (Ho & Salimans 2022, Eq. 6).
 
     w in {0, 1} costs one network call per step; any other w one batched call on 2B inputs.
     Combining outputs is the same for eps, x0 and v targets: each is affine in the output at fixed x_t.
     """
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (0 unconditional, 1 conditional, > 1 guided)")
-    w = float(guidance_scale)
-    null = torch.full_like(labels, null_label)
+    w = float(guidance_scale)  # checked >= 0 by generate.Guidance
     if w == 1.0:
-        return lambda x_t, t: net_fn(x_t, t, labels)
+        return lambda x_t, t: net_fn(x_t, t, cond)
     if w == 0.0:
         return lambda x_t, t: net_fn(x_t, t, null)
+    both = cond.cat(null)
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        out = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C', H, W)
+        out = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2B, C', H, W)
         cond, uncond = out.chunk(2)
         return guided_output(cond, uncond, w, mean_channels)
 
@@ -51,9 +50,6 @@ def classifier_free_guidance(
 
 def classifier_grad(classifier: Callable[[Tensor, Tensor], Tensor], labels: Tensor, *, scale: float) -> CondFn:
     """cond_fn(x_t, t) = s grad_x log p_phi(y | x_t, t) from a noise-aware classifier's logits (Dhariwal & Nichol 2021, Algs. 1-2)."""
-    if not scale >= 0:
-        raise ValueError(f"classifier_scale={scale!r} must be >= 0 (0 = no guidance)")
-
     def cond_fn(x_t: Tensor, t: Tensor) -> Tensor:
         with torch.inference_mode(False), torch.enable_grad():
             x = x_t.detach().clone().requires_grad_(True)

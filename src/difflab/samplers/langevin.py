@@ -11,8 +11,7 @@ from torch import Tensor
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.sde import VESDE, NoiseFamily
-from difflab.samplers.base import Callback, Generator
-from difflab.samplers.solvers import DenoiserSampler
+from difflab.samplers.base import Callback, DenoiserSampler, Generator
 
 
 def annealed_langevin_sample(
@@ -78,9 +77,6 @@ class ALD(DenoiserSampler):
         """L T (+1); with levels=null, L is that of the last call (the model's NCSN levels, else 10)."""
         L = self.levels or (self._last_levels[-1] if self._last_levels else 10)
         return L * self.n_steps_each + int(self.final_denoise)
-
-    def validate(self, T: int) -> None:
-        """Settings were checked at construction."""
 
     def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         sigmas = default_levels(family, self.levels)

@@ -10,8 +10,7 @@ from torch import Tensor
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.ode_solver import OdeMethod, check_tolerances, integrate, pf_ode_velocity
 from difflab.diffusion.sde import NoiseFamily
-from difflab.samplers.base import Callback, Generator
-from difflab.samplers.solvers import DenoiserSampler, start_noise
+from difflab.samplers.base import Callback, DenoiserSampler, Generator, start_noise
 
 
 def pf_ode_sample(
@@ -64,9 +63,6 @@ class PFODE(DenoiserSampler):
     def nfe(self, T: int) -> int:
         """Mean NFE per batch of the calls so far (0 before any call)."""
         return round(sum(self._nfes) / len(self._nfes)) if self._nfes else 0
-
-    def validate(self, T: int) -> None:
-        """Any model with a denoiser is valid."""
 
     def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
         x, nfe = pf_ode_sample(denoiser, start_noise(x_T, family), sigma_max=family.sigma_hat_max,

@@ -16,8 +16,7 @@ from torch import Tensor
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.sde import NoiseFamily, VESDE, VPSDE, SubVPSDE, _bcast, _VPMean, generic_discretize
-from difflab.samplers.base import Callback, Generator
-from difflab.samplers.solvers import DenoiserSampler
+from difflab.samplers.base import Callback, DenoiserSampler, Generator
 
 Predictor = Literal["reverse_diffusion", "euler_maruyama", "ancestral", "none"]
 Corrector = Literal["langevin", "none"]
@@ -140,10 +139,8 @@ class PC(DenoiserSampler):
         per_step = (self.predictor != "none") + (self.corrector_steps if self.corrector == "langevin" else 0)
         return self.steps * per_step
 
-    def validate(self, T: int) -> None:
-        """Settings were checked at construction; the model family is checked when sampling."""
-
-    def check_family(self, family: NoiseFamily) -> None:
+    def check_model(self, family: NoiseFamily, model_variance: str) -> None:
+        """PC runs on continuous SDEs only (its predictor and step count must fit the family)."""
         check_pc_family(family, self.predictor, self.steps)
 
     def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:

@@ -14,12 +14,10 @@ from typing import get_args
 
 from torch import Tensor
 
-from difflab.diffusion.denoiser import Denoiser, Prediction
+from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
-from difflab.diffusion.schedules import NoiseSchedule
-from difflab.diffusion.sde import NoiseFamily, Spacing, as_family, sigma_steps
-from difflab.diffusion.thresholding import check_dynamic_percentile
-from difflab.samplers.base import Callback, Generator, ModelFn
+from difflab.diffusion.sde import NoiseFamily, Spacing, sigma_steps
+from difflab.samplers.base import Callback, DenoiserSampler, Generator, start_noise
 
 
 def edm_heun_sample(
@@ -79,45 +77,6 @@ def dpmpp_2m_sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: 
     return x
 
 
-def start_noise(x_T: Tensor, family: NoiseFamily) -> Tensor:
-    """x_hat at sigma_hat_max from standard normal x_T: x_T times the prior std in x_hat coordinates."""
-    return x_T * family.x_hat_prior_std
-
-
-class DenoiserSampler:
-    """Base of the samplers that work through the one denoiser adapter: any family, any prediction.
-
-    __call__ has the signature of every sampler (model_fn, x_T, schedule); subclasses implement run()
-    on the Denoiser it builds, with x_T ~ N(0, I) unscaled.
-    """
-
-    clip_x0 = False
-    dynamic_percentile: float | None = None  # subclasses make both dataclass fields
-
-    def check_thresholding(self) -> None:
-        """Refuse a bad dynamic_percentile when the sampler is built (called from __post_init__)."""
-        check_dynamic_percentile(self.dynamic_percentile)
-
-    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
-        """Images from standard normal x_T under `family`, sampled through `denoiser`."""
-        raise NotImplementedError
-
-    def __call__(
-        self,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        schedule: NoiseSchedule | NoiseFamily,
-        *,
-        parameterization: Prediction = "eps",
-        generator: Generator = None,
-        callback: Callback = None,
-    ) -> Tensor:
-        family = as_family(schedule)
-        denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0,
-                            dynamic_percentile=self.dynamic_percentile)
-        return self.run(denoiser, family, x_T, generator, callback)
-
-
 @dataclass(frozen=True, kw_only=True)
 class _SigmaSampler(DenoiserSampler):
     """Shared config: steps, the sigma spacing and clipping of D to [-1, 1]."""
@@ -136,9 +95,6 @@ class _SigmaSampler(DenoiserSampler):
             raise ValueError(f"spacing={self.spacing!r} is not supported; choose one of {get_args(Spacing)}")
         if self.rho <= 0:
             raise ValueError(f"rho={self.rho} must be > 0")
-
-    def validate(self, T: int) -> None:
-        """Any model with a denoiser is valid; the settings were checked at construction."""
 
     def sigmas(self, family: NoiseFamily) -> Tensor:
         return sigma_steps(family, self.steps, self.spacing, self.rho)

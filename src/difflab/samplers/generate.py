@@ -1,0 +1,138 @@
+"""THE one sampling path: (net, family, sampler, seeds, cond, guidance, precision) -> images.
+
+Both LightningModules' `sample`, the callbacks and every CLI come through `generate`; it checks
+everything once (sampler against the model, labels, guidance scales, precision) before the first
+network call, draws x_T from one generator per sample (sample i uses seeds[i] for all of its
+noise, so images do not depend on batch size or rank), prepares the net once per call
+(nets/inference.py) and wraps it into the model_fn the sampler sees: conditioning passed through,
+classifier-free guidance, the mean channels of a learned-variance net for samplers without Sigma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from difflab.diffusion.schedules import NoiseSchedule
+from difflab.diffusion.sde import NoiseFamily, as_family
+from difflab.nets.conditioning import Conditioning
+from difflab.nets.inference import active_autocast_dtype, autocast_dtype, precision_autocast, sampling_net
+from difflab.samplers.base import Callback, ModelFn, Sampler
+from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
+
+Labels = Sequence[int] | Tensor | None
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free scale w (0 unconditional, 1 conditional, > 1 guided) and classifier guidance (classifier, s)."""
+
+    scale: float = 1.0
+    classifier: nn.Module | None = None
+    classifier_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.scale >= 0 or not self.classifier_scale >= 0:
+            raise ValueError(f"guidance_scale={self.scale!r} and classifier_scale={self.classifier_scale!r} must be >= 0 "
+                             "(guidance_scale: 0 unconditional, 1 conditional, > 1 guided; classifier_scale: 0 = off)")
+
+    @property
+    def uses_classifier(self) -> bool:
+        return self.classifier is not None and self.classifier_scale > 0
+
+
+def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device) -> tuple[Tensor, list[torch.Generator]]:
+    """x_T ~ N(0, I) (len(seeds), *shape) and one generator per sample, sample i seeded by seeds[i]."""
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators]), generators
+
+
+def labels_tensor(labels: Labels, n: int, num_classes: int | None, device: torch.device, *, for_classifier: bool) -> Tensor | None:
+    """Labels as a (n,) long tensor, checked against the net's classes (or, for classifier guidance, >= 0)."""
+    if labels is None:
+        if for_classifier:
+            raise ValueError("classifier guidance needs labels (one class per sample), e.g. label=7")
+        return None
+    y = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
+    if y.numel() == 1 and n > 1:
+        y = y.expand(n).clone()
+    if y.shape != (n,):
+        raise ValueError(f"got {y.numel()} labels for {n} samples; give one label, or one per sample")
+    if num_classes is None and not for_classifier:
+        raise ValueError("labels were given but this model is unconditional (model.num_classes=null); "
+                         "train with model.num_classes=auto, or use a noise-aware classifier for guidance")
+    bad = y[(y < 0) | (y >= num_classes)] if num_classes is not None else y[y < 0]
+    if bad.numel():
+        raise ValueError(f"label {bad[0].item()} is outside 0..{(num_classes or 1) - 1} (num_classes={num_classes})")
+    return y
+
+
+def check_request(net: nn.Module, family: NoiseFamily, sampler: Sampler, *, model_variance: str,
+                  guidance: Guidance, has_labels: bool) -> None:
+    """Everything generate() refuses, checked before any network call."""
+    sampler.validate(family.T)
+    sampler.check_model(family, model_variance)
+    if guidance.uses_classifier and not sampler.supports_classifier_guidance:
+        raise ValueError(f"classifier guidance (classifier_scale={guidance.classifier_scale}) needs a sampler that "
+                         f"supports it (ddpm, ddim), not {sampler.name!r}; use classifier-free guidance "
+                         "(guidance_scale) with this sampler, or sampler=ddpm|ddim")
+    if has_labels and family.name != "ddpm":
+        raise ValueError(f"labels / guidance were given but this {family.name!r} score model is unconditional; "
+                         "class conditioning and guidance exist for DDPM models (experiment=digits_cfg)")
+
+
+def guided_model_fn(net: nn.Module, cond: Conditioning | None, guidance: Guidance, mean_channels: int) -> ModelFn:
+    """model_fn(x_t, t) over net(x_t, t, cond): the conditioning passed through, with classifier-free guidance."""
+    num_classes = getattr(net, "num_classes", None)
+    if num_classes is None or cond is None or cond.labels is None:  # unconditional (a conditional net: null label)
+        return net
+    null = Conditioning(labels=torch.full_like(cond.labels, num_classes))
+    return classifier_free_guidance(net, cond, null, guidance_scale=guidance.scale, mean_channels=mean_channels)
+
+
+@torch.inference_mode()
+def generate(
+    net: nn.Module,
+    family: NoiseSchedule | NoiseFamily,
+    sampler: Sampler,
+    seeds: Sequence[int],
+    *,
+    parameterization: str,
+    model_variance: str = "fixed",
+    labels: Labels = None,
+    guidance: Guidance = Guidance(),
+    precision: str | int | None = None,
+    callback: Callback = None,
+) -> Tensor:
+    """Images in [-1, 1], (len(seeds), C, H, W), from `net` (in eval mode) under `family`, sampled with `sampler`.
+
+    labels (one per seed, or one for all) condition a class-conditional net (guidance.scale is the
+    classifier-free w) or steer a noise-aware guidance.classifier; precision bf16-mixed / 16-mixed
+    runs the net under autocast with weights cast once; None or 32 keeps the caller's context.
+    """
+    device = next(net.parameters()).device
+    dtype = active_autocast_dtype(device.type) if precision is None else autocast_dtype(precision)
+    fam = as_family(family)
+    check_request(net, fam, sampler, model_variance=model_variance, guidance=guidance, has_labels=labels is not None)
+    y = labels_tensor(labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
+    cond = None if y is None else Conditioning(labels=y)
+    x_T, generators = initial_noise((net.in_channels, net.image_size, net.image_size), seeds, device)
+    with precision_autocast(dtype if precision is not None else None, device.type):
+        model_fn = guided_model_fn(sampling_net(net, dtype), cond, guidance, net.in_channels)
+        extra: dict = {}
+        if model_variance != "fixed" and sampler.supports_learned_variance:
+            extra["model_variance"] = model_variance
+        elif model_variance != "fixed":  # samplers without Sigma_theta need only the mean (eps/x0/v) channels
+            model_fn = _mean_channels(model_fn, net.in_channels)
+        if guidance.uses_classifier:
+            extra["cond_fn"] = classifier_grad(guidance.classifier, y, scale=guidance.classifier_scale)
+        return sampler(model_fn, x_T, family, parameterization=parameterization, generator=generators,
+                       callback=callback, **extra)
+
+
+def _mean_channels(model_fn: ModelFn, channels: int) -> ModelFn:
+    """The eps/x0/v half of a learned-variance net's (B, 2C, H, W) output, for samplers without Sigma_theta."""
+    return lambda x_t, t: model_fn(x_t, t)[:, :channels]
