@@ -16,7 +16,7 @@ from difflab.cli.trainer_setup import build_trainer
 
 from difflab.lit.from_config import build_module
 from difflab.cli.cluster import hand_signal_to_lightning
-from difflab.cli.config import config_dir, to_container
+from difflab.cli.config import config_path, to_container
 from difflab.cli.process_setup import setup_process
 from difflab.cli.runs import run_status
 
@@ -83,7 +83,7 @@ def refuse_relaunch_in_multirun(trainer: pl.Trainer) -> None:
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:
-    """Close the W&B run so sweeps do not merge runs (ECOSYSTEM-NOTES: multirun)."""
+    """Close the W&B run: in a Hydra multirun, runs of later jobs would otherwise merge into the first."""
     from pytorch_lightning.loggers import WandbLogger
 
     if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
@@ -118,7 +118,7 @@ def optimized_value(metrics: Mapping[str, float], name: str | None) -> float | N
     return float(metrics[name])
 
 
-@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+@hydra.main(config_path=config_path(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Train; <run dir>/status.json records the outcome (read by difflab-report); returns optimized_metric."""
     setup_process()
