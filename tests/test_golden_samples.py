@@ -106,3 +106,19 @@ def test_the_tolerance_catches_a_different_seed(images):
     golden = np.load(GOLDEN)["ddim"].astype(int)
     shifted = np.roll(golden, 1, axis=0)  # the images of other seeds
     assert np.abs(shifted - golden).mean() > 1.0
+
+
+def test_sample_without_sampler_uses_the_runs_sampler_and_its_tweaks(tmp_path):
+    GlobalHydra.instance().clear()
+    try:
+        ckpt = _checkpoint("vpsde", tmp_path / "vpsde.ckpt")
+        for overrides, stem in (([], "dpmpp-6_"), (["sampler.steps=3"], "dpmpp-3_")):
+            GlobalHydra.instance().clear()
+            cfg = _compose("sample", [f"ckpt_path={ckpt}", "num_samples=2", "device=cpu", f"out_dir={tmp_path}", *overrides])
+            assert sample(cfg)["npz"].name.startswith(stem)
+        GlobalHydra.instance().clear()
+        cfg = _compose("sample", [f"ckpt_path={ckpt}", "num_samples=2", f"out_dir={tmp_path}", "sampler.eta=0.5"])
+        with pytest.raises(ValueError, match=r"'eta' is not an option of the run's configured sampler.*'steps'"):
+            sample(cfg)
+    finally:
+        GlobalHydra.instance().clear()

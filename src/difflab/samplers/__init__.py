@@ -1,8 +1,9 @@
-"""Samplers: pure functions over model_fn(x_t, t), plus small config objects Hydra instantiates."""
+"""Samplers: pure functions over model_fn(x_t, t), small config objects Hydra instantiates, and generate(), the one sampling path."""
 
-from difflab.samplers.base import Sampler, dynamic_threshold, predict, predict_x0_eps, reverse_loop
+from difflab.samplers.base import DenoiserSampler, Sampler, SamplerBase, dynamic_threshold, predict, predict_x0_eps, reverse_loop
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
+from difflab.samplers.generate import Guidance, generate
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 from difflab.samplers.langevin import ALD, annealed_langevin_sample
 from difflab.samplers.pf_ode import PFODE, pf_ode_sample
@@ -11,6 +12,10 @@ from difflab.samplers.solvers import DPMSolverPP, Heun, dpmpp_2m_sample, edm_heu
 
 __all__ = [
     "ALD",
+    "DenoiserSampler",
+    "Guidance",
+    "SamplerBase",
+    "generate",
     "DPMSolverPP",
     "Heun",
     "PC",
