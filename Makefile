@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.difflab-installed
-# the digits classifier whose features give make train's offline FID/IS (trained once, ~1 min)
-CLASSIFIER := $(or $(DIFFLAB_CACHE_DIR),.cache/difflab)/classifiers/digits_8px.ckpt
 
 .PHONY: train test sample bench bench-quality bench-deps clean-venv
 
@@ -16,7 +14,6 @@ $(STAMP): pyproject.toml
 
 ## train the embedded default (scikit-learn digits, no download); extra Hydra overrides via ARGS="..."
 train: $(STAMP)
-	@test -f $(CLASSIFIER) || $(BIN)/difflab-train-classifier
 	$(BIN)/difflab-train $(ARGS)
 
 ## run the whole test suite on CPU, one worker per core (TEST_WORKERS=0 runs it in one process)
@@ -34,7 +31,6 @@ bench: bench-deps
 
 ## FID after the same training budget, difflab vs denoising-diffusion-pytorch (BENCH_BUDGET=seconds)
 bench-quality: bench-deps
-	@test -f $(CLASSIFIER) || $(BIN)/difflab-train-classifier
 	$(BIN)/python benchmarks/quality_per_minute.py $(ARGS)
 
 # the optional peers of pyproject's `bench` extra, installed once (torch stays pinned)

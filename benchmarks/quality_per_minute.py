@@ -35,8 +35,8 @@ def cache_dir() -> Path:
 
 
 def ensure_classifier() -> Path:
-    """The digits classifier checkpoint, trained first if missing (as `make train` does)."""
-    from difflab.cli.metrics import classifier_path
+    """The digits classifier checkpoint, trained first if missing (as difflab-train does on first use)."""
+    from difflab.metrics.build import classifier_path
 
     path = classifier_path(cache_dir(), "digits", IMAGE_SIZE)
     if not path.is_file():
@@ -102,11 +102,13 @@ def train_lucidrains(budget: float, out: Path, seed: int = 0) -> None:
 
 def fid_of(images_uint8: torch.Tensor, classifier: Path) -> float:
     """FID of uint8 samples against the digits train split, in the classifier's features."""
-    from difflab.cli.metrics import build_metrics
+    from difflab.lit.checkpoint_io import load_classifier
+    from difflab.metrics.build import build_metrics
     from difflab.metrics.reference import ReferenceStats
 
     metrics = build_metrics(extractor="classifier", dataset="digits", image_size=IMAGE_SIZE,
-                            cache_dir=str(cache_dir()), metrics=["fid"], classifier_ckpt=str(classifier))
+                            cache_dir=str(cache_dir()), metrics=["fid"], classifier_ckpt=str(classifier),
+                            classifier_loader=load_classifier)
     real = digits_train_uint8()
     metrics.set_reference(ReferenceStats.from_batches(real.split(500), metrics.extractor, num_images=len(real)))
     for batch in images_uint8.split(500):

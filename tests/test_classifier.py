@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -14,11 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from difflab.cli.config import config_dir
+from difflab.cli.feature_classifier import ensure_feature_classifier
 from difflab.cli.train_classifier import build_classifier_module, load_classifier, train_classifier, train_command
 from difflab.data import DigitsDataModule
 from difflab.lit.classifier import ClassifierModule, random_translate
+from difflab.metrics.build import build_extractor, classifier_path
 from difflab.nets.classifiers import ImageClassifier, NoisyImageClassifier
 
 CONF = Path(config_dir())
@@ -190,13 +194,95 @@ def test_bad_settings_fail_before_training(compose_cfg, tmp_path, override, mess
 
 
 def test_missing_classifier_names_path_and_command(tmp_path):
-    path = tmp_path / "classifiers" / "digits_8px.ckpt"
-    with pytest.raises(FileNotFoundError) as err:
+    path = tmp_path / "elsewhere" / "digits_8px.ckpt"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_classifier(path)
+    with pytest.raises(FileNotFoundError) as err:  # a named classifier_ckpt that is missing is not trained for you
+        build_extractor("auto", dataset="digits", image_size=8, cache_dir=tmp_path, classifier_ckpt=str(path),
+                        classifier_loader=load_classifier)
     assert str(path) in str(err.value) and CREATE in str(err.value)
     assert train_command(tmp_path / "fashion_mnist_32px.ckpt").startswith(
         "difflab-train-classifier data=fashion_mnist data.image_size=32 out_path="
     )
+
+
+# --- created on first use (difflab.cli.feature_classifier) ---------------------------------------------
+
+
+@pytest.mark.parametrize("extractor, dataset, ckpt", [
+    ("inception", "digits", None), ("efficientnet_lite0", "digits", None), ("auto", "cifar10", None),
+    ("auto", "digits", "given.ckpt"), ("classifier", "mnist", "given.ckpt"),
+])
+def test_first_use_only_when_the_default_classifier_is_needed(tmp_path, extractor, dataset, ckpt):
+    assert ensure_feature_classifier(extractor=extractor, dataset=dataset, image_size=8, cache_dir=tmp_path,
+                                     classifier_ckpt=ckpt, before_training=pytest.fail) is None
+    assert not (tmp_path / "classifiers").exists()
+
+
+def test_an_existing_classifier_is_used_as_it_is(tmp_path):
+    path = classifier_path(tmp_path, "digits", 8)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    assert ensure_feature_classifier(extractor="auto", dataset="digits", image_size=8, cache_dir=tmp_path,
+                                     before_training=pytest.fail) == path
+
+
+def test_other_ranks_wait_for_local_rank_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    path = classifier_path(tmp_path, "digits", 8)
+    kwargs = dict(extractor="auto", dataset="digits", image_size=8, cache_dir=tmp_path, before_training=pytest.fail)
+    with pytest.raises(TimeoutError, match=f"local rank 0 trains on first use.*{CREATE}"):
+        ensure_feature_classifier(**kwargs, timeout=0.2, poll_seconds=0.05)
+    writer = threading.Timer(0.2, lambda: (path.parent.mkdir(parents=True), path.write_bytes(b"x")))
+    writer.start()
+    assert ensure_feature_classifier(**kwargs, timeout=30, poll_seconds=0.05) == path
+    writer.join()
+
+
+@pytest.mark.timeout(300)
+def test_classifier_is_trained_on_first_use_in_isolation(tmp_path, monkeypatch):
+    """The nested difflab-train-classifier run (a few steps here) writes the default file, logs below
+    classifiers/runs/, and hands back the caller's random state, threads and torchrun environment."""
+    torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    for key, value in torchrun.items():  # Lightning would see a 2-process job and refuse devices=1
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        path = ensure_feature_classifier(
+            extractor="auto", dataset="digits", image_size=8, cache_dir=tmp_path,
+            overrides=["trainer.max_steps=3", "trainer.check_val_every_n_epoch=1000", "trainer.enable_progress_bar=false",
+                       "trainer.enable_model_summary=false"])
+        assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert path == classifier_path(tmp_path, "digits", 8) and path.is_file()
+    assert {k: os.environ.get(k) for k in torchrun} == torchrun
+    assert list((tmp_path / "classifiers" / "runs").glob("digits_8px-*/csv/metrics.csv"))
+    assert isinstance(load_classifier(path), ImageClassifier)
+
+
+def test_bad_override_reports_itself_before_the_classifier(tmp_path):
+    """difflab-train trainer.max_steps=abc with no classifier yet: the trainer's error, nothing trained."""
+    from difflab.cli.train import train
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[f"hydra.run.dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'run'}",
+                                               f"paths.cache_dir={tmp_path / 'cache'}", "data.image_size=8", "model.ch=8",
+                                               "trainer.max_steps=abc"], return_hydra_config=True)
+            HydraConfig().set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]  # as in the app, which hands train() the job's config only
+            with pytest.raises(Exception, match="'<' not supported"):  # Hydra's InstantiationException
+                train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert not (tmp_path / "cache" / "classifiers").exists()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ tree. Then:
 - difflab-train: the LightningModule is built (build_module, model.num_classes=auto resolved as the
   CLI does) and the data module instantiated (no setup, no download);
 - difflab-sample: the sampler is instantiated and its precision name checked;
-- difflab-eval: every sampler spec is parsed, the extractor and precision names checked.
+- difflab-eval: every sampler entry is built, the extractor and precision names checked.
 Placeholders (`ckpt_path=...`, `outputs/<date>/...`, `data.root=/path/to/images`) get stand-ins: a
 folder of a few small PNGs, an empty checkpoint file. For a multirun (`-m`) sweep the first value of
 each comma list is composed. Config files the docs show (a ```yaml block whose first line is a
@@ -299,11 +299,11 @@ def check_command(cmd: Command, paths: dict[str, Path]) -> None:
         sampler.validate(1000)
         check_precision(cfg.precision)
     elif cmd.config == "eval":
-        parse_sampler = find("parse_sampler", "difflab.cli.evaluate", "difflab.samplers.specs", "difflab.samplers")
-        for spec in cfg.samplers:
-            parse_sampler(spec).validate(1000)
+        build_samplers = find("build_samplers", "difflab.cli.sampler_specs")
+        for sampler in build_samplers(cfg.samplers).values():  # the sampler= group's configs, options set
+            sampler.validate(1000)
         check_precision(cfg.precision)
-        find("resolve_extractor_kind", "difflab.cli.metrics")(cfg.metrics.extractor, "digits")
+        find("resolve_extractor_kind", "difflab.metrics.build")(cfg.metrics.extractor, "digits")
     else:  # train_classifier: the data module; the classifier is built by its own tests
         instantiate(cfg.data)
 

@@ -16,27 +16,34 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    """A quickly trained digits classifier and a tiny diffusion run that evaluates itself."""
+def setup(tmp_path_factory) -> dict:
+    """A tiny diffusion run that evaluates itself; its digits feature classifier does not exist yet, so
+    difflab-train trains it on first use (60 steps here, through DIFFLAB_CLASSIFIER_OVERRIDES)."""
     root = tmp_path_factory.mktemp("eval")
-    clf = root / "clf.ckpt"
-    run("difflab.cli.train_classifier", "data.image_size=8", "trainer.max_steps=60", f"out_path={clf}",
-        f"hydra.run.dir={root / 'clf_run'}", cwd=root)
     run_dir = root / "run"
     train_args = [a for a in TINY if a != "callbacks.evaluation=null"] + [
         f"paths.cache_dir={root / 'cache'}",
-        f"callbacks.evaluation.metrics.classifier_ckpt={clf}",
         "callbacks.evaluation.num_samples=20",
         "callbacks.evaluation.every_n_steps=2",
         "callbacks.evaluation.samplers.ddim.steps=4",
     ]
-    run("difflab.cli.train", *train_args, f"hydra.run.dir={run_dir}", cwd=root)
-    return {"root": root, "clf": clf, "run": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DIFFLAB_CLASSIFIER_OVERRIDES", "trainer.max_steps=60")
+        proc = run("difflab.cli.train", *train_args, f"hydra.run.dir={run_dir}", cwd=root)
+    return {"root": root, "clf": root / "cache" / "classifiers" / "digits_8px.ckpt", "run": run_dir,
+            "ckpt": run_dir / "checkpoints" / "last.ckpt", "train_output": proc.stdout + proc.stderr}
 
 
-def eval_args(s: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [f"ckpt_path={s['ckpt']}", f"metrics.classifier_ckpt={s['clf']}", f"paths.cache_dir={s['root'] / 'cache'}",
+def eval_args(s: dict, out: Path, *extra: str) -> list[str]:  # the classifier: the default file in the cache
+    return [f"ckpt_path={s['ckpt']}", f"paths.cache_dir={s['root'] / 'cache'}",
             "num_samples=24", "batch_size=10", "samplers=[ddim-5,ddim-2]", f"out_dir={out}", *extra]
+
+
+def test_training_creates_the_feature_classifier_on_first_use(setup):
+    assert setup["clf"].is_file() and "one-time cost" in setup["train_output"]
+    (nested,) = (setup["root"] / "cache" / "classifiers" / "runs").glob("digits_8px-*")  # its own run directory
+    assert "val/acc" in (nested / "csv" / "metrics.csv").read_text()
+    assert "val/acc" not in (setup["run"] / "csv" / "metrics.csv").read_text()  # the training run's files untouched
 
 
 def test_training_logs_eval_metrics(setup):
@@ -109,11 +116,13 @@ def test_bad_sampler_spec_is_refused(setup, tmp_path):
 def test_difflab_eval_compares_fast_solvers_and_ode_bits_per_dim(setup, tmp_path):
     """DDIM, DPM-Solver++, Heun and the adaptive PF-ODE side by side on the DDPM eps model; bits/dim via the PF-ODE."""
     args = eval_args(setup, tmp_path, "bpd.num_images=2", "bpd.batch_size=2", "bpd.method=ode", "bpd.rtol=1e-2", "bpd.atol=1e-2")
-    args = [a for a in args if not a.startswith("samplers=")] + ["samplers=[ddim-3,dpmpp-3,heun-2,ode-tol1e-2]"]
+    args = [a for a in args if not a.startswith("samplers=")] + [
+        "samplers=[ddim-3,dpmpp-3,heun-2,ode-tol1e-2,{name:ddim,steps:4,spacing:trailing}]"]  # the sampler= language
     run("difflab.cli.evaluate", *args, cwd=tmp_path)
     out = json.loads((tmp_path / "metrics.json").read_text())
     rows = {r["sampler"]: r for r in out["results"]}
-    assert [rows[k]["nfe"] for k in ("ddim-3", "dpmpp-3", "heun-2")] == [3, 3, 3]
+    assert [rows[k]["nfe"] for k in ("ddim-3", "dpmpp-3", "heun-2", "ddim-4")] == [3, 3, 3, 4]
+    assert "spacing='trailing'" in rows["ddim-4"]["settings"]
     ode = next(r for k, r in rows.items() if k.startswith("ode"))
     assert ode["nfe"] > 6 and ode["fid"] >= 0  # the adaptive solver's measured NFE
     assert out["likelihood"]["bpd_method"] == "pf-ode" and 0 < out["likelihood"]["bpd"] < 30

@@ -198,7 +198,8 @@ class CountingMetrics:
 
 
 def test_guidance_sweep_labels_nfe_and_fid_vs_is_plot(tmp_path):
-    from difflab.callbacks.evaluation import evaluate_samplers, write_results
+    from difflab.metrics.evaluation import evaluate_samplers
+    from difflab.metrics.reports import write_results
 
     model, rows = RecordingModel(), []
     for rank in range(2):  # two shards: labels follow the global sample index, like seeds

@@ -26,7 +26,9 @@ from difflab.metrics import (
     ReferenceKey,
     ReferenceStats,
     load_or_compute,
+    shared_reference,
 )
+from difflab.metrics.build import build_metrics, classifier_path, resolve_extractor_kind
 
 
 class TinyClassifier(nn.Module):
@@ -266,6 +268,47 @@ def test_reference_cache_is_reused_and_invalidated_by_every_key_field(tmp_path):
     assert len(calls) == 6
     with pytest.raises(ValueError, match="'other'"):
         load_or_compute(ReferenceKey(**{**key.__dict__, "extractor": "other"}), batches, ext, tmp_path)
+
+
+def test_shared_reference_rank_zero_computes_then_the_others_read(tmp_path):
+    """One place for the rank-zero-then-barrier dance (training callback and difflab-eval)."""
+    ext, real, events = tiny_extractor(), digits(100), []
+
+    class Data:
+        image_size = 8
+
+        def num_images(self, split):
+            return len(real)
+
+        def uint8_batches(self, split, *, limit=None):
+            events.append(f"read {split} {limit}")
+            return real[:limit].split(32)
+
+    common = dict(dataset="digits", split="train", cache_dir=tmp_path, num_images=60, barrier=lambda: events.append("barrier"))
+    zero = shared_reference(Data(), ext, is_rank_zero=True, **common)
+    assert events == ["read train 60", "barrier"] and zero.num_images == 60
+    other = shared_reference(Data(), ext, is_rank_zero=False, **common)
+    assert events[2:] == ["barrier"]  # after the barrier: rank zero's cache, nothing recomputed
+    torch.testing.assert_close(other.mu, zero.mu)
+    assert (tmp_path / "digits-train-8px-n60-tiny.pt").is_file()
+
+
+def test_build_metrics_gets_the_classifier_through_the_injected_loader(tmp_path):
+    """The metrics room reads no checkpoints: the configs inject difflab.lit.checkpoint_io.load_classifier."""
+    path = classifier_path(tmp_path, "digits", 8)
+    kwargs = dict(extractor="auto", dataset="digits", image_size=8, cache_dir=tmp_path, metrics=["fid"])
+    with pytest.raises(FileNotFoundError, match=r"digits_8px.ckpt \(difflab-train and difflab-eval create it on first "
+                                                 r"use\); create it with: difflab-train-classifier data=digits"):
+        build_metrics(**kwargs)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="needs a classifier_loader"):
+        build_metrics(**kwargs)
+    loaded = []
+    metrics = build_metrics(**kwargs, classifier_loader=lambda p: loaded.append(p) or TinyClassifier())
+    assert loaded == [path] and metrics.extractor.name == "classifier_digits_8px"
+    assert resolve_extractor_kind("auto", "cifar10") == "efficientnet_lite0"
+    assert build_metrics(**{**kwargs, "extractor": "efficientnet_lite0"}).extractor.name.startswith("efficientnet")
 
 
 def test_reference_subsamples_features_but_keeps_all_moments():

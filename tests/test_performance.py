@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.callbacks.evaluation import evaluate_sampler
+from difflab.metrics.evaluation import evaluate_sampler
 from difflab.diffusion import linear_betas
 from difflab.lit import DiffusionModule
 from difflab.nets import UNet

@@ -17,7 +17,7 @@ from difflab.diffusion.sde import DiscreteVP, SubVPSDE, VESDE, VPSDE, karras_sig
 from difflab.samplers import ALD, DDIM, PC, PFODE, DPMSolverPP, Heun, annealed_langevin_sample
 from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.solvers import dpmpp_2m_sample, edm_heun_sample
-from difflab.samplers.specs import parse_fast_sampler
+from difflab.samplers.specs import parse_spec
 from score_closed_form import Mixture, edm_model, eps_model, gaussian
 
 torch.set_num_threads(1)
@@ -223,7 +223,7 @@ def test_invalid_sampler_model_pairs_are_refused():
     (lambda: Heun(steps=0), "steps=0"), (lambda: DPMSolverPP(spacing="cubic"), "spacing='cubic'"),
     (lambda: PFODE(rtol=0), "rtol=0"), (lambda: PFODE(method="Euler"), "method='Euler'"),
     (lambda: PC(predictor="leapfrog"), "predictor='leapfrog'"), (lambda: ALD(step_lr=-1), "step_lr=-1"),
-    (lambda: parse_fast_sampler("heun"), "heun"), (lambda: VPSDE(beta_min=30), "beta_min=30"),
+    (lambda: parse_spec("heun-"), "heun-"), (lambda: VPSDE(beta_min=30), "beta_min=30"),
     (lambda: DenoisingScoreMatching(weighting="snr"), "weighting='snr'"),
 ])
 def test_bad_settings_name_the_value(bad, message):
@@ -232,9 +232,10 @@ def test_bad_settings_name_the_value(bad, message):
 
 
 def test_specs_parse():
-    assert parse_fast_sampler("heun-18").nfe(1000) == 35
-    assert parse_fast_sampler("heun-18-churn40").s_churn == 40
-    assert parse_fast_sampler("dpmpp-20").nfe(1000) == 20
-    assert parse_fast_sampler("pc-100-em").predictor == "euler_maruyama"
-    assert parse_fast_sampler("ode-tol1e-3").rtol == 1e-3
-    assert parse_fast_sampler("ald-5").n_steps_each == 5
+    """Compact specs are (sampler config, options) pairs; tests/test_sampler_specs.py builds them."""
+    assert parse_spec("heun-18") == ("heun", {"steps": 18})
+    assert parse_spec("heun-18-churn40") == ("heun", {"steps": 18, "s_churn": 40.0})
+    assert parse_spec("dpmpp-20") == ("dpmpp", {"steps": 20})
+    assert parse_spec("pc-100-em") == ("pc", {"steps": 100, "predictor": "euler_maruyama"})
+    assert parse_spec("ode-tol1e-3") == ("ode", {"rtol": 1e-3, "atol": 1e-3})
+    assert parse_spec("ald-5") == ("ald", {"n_steps_each": 5})

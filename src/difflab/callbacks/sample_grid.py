@@ -17,7 +17,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid
 
-from difflab.callbacks.evaluation import shard
+from difflab.metrics.evaluation import shard
 from difflab.data.transforms import to_uint8
 from difflab.samplers.base import Sampler
 from difflab.samplers.generate import Guidance

@@ -116,7 +116,7 @@ def plot_nfe(run: Run, out_dir: Path) -> Path | None:
     """report_nfe_<run>.png in out_dir: the run's last evaluation, quality against NFE (None if none)."""
     if not run.eval_rows:
         return None
-    from difflab.callbacks.evaluation import plot_quality_vs_nfe
+    from difflab.metrics.reports import plot_quality_vs_nfe
 
     path = out_dir / f"report_nfe_{run.name.replace(os.sep, '_')}.png"
     plot_quality_vs_nfe(run.eval_rows, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -9,7 +10,7 @@ from typing import Mapping
 import hydra
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from difflab.cli.trainer_setup import build_trainer
@@ -17,6 +18,7 @@ from difflab.cli.trainer_setup import build_trainer
 from difflab.lit.from_config import build_module
 from difflab.cli.cluster import hand_signal_to_lightning
 from difflab.cli.config import config_path, to_container
+from difflab.cli.feature_classifier import ensure_feature_classifier
 from difflab.cli.process_setup import setup_process
 from difflab.cli.runs import run_status
 
@@ -29,6 +31,7 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg)
     module.run_config = to_container(cfg)
+    prepare_feature_classifier(cfg)  # trained on first use, before the evaluation callback is built
     trainer = build_trainer(cfg)
     environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
     if isinstance(environment, SLURMEnvironment):
@@ -45,6 +48,37 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def prepare_feature_classifier(cfg: DictConfig) -> None:
+    """Train the evaluation callback's feature classifier when it needs the default one and it is missing
+    (difflab.cli.feature_classifier); a bad trainer or callback setting still reports itself first."""
+    evaluation = (cfg.get("callbacks") or {}).get("evaluation")
+    metrics = evaluation.get("metrics") if evaluation else None
+    if not metrics or not all(k in metrics for k in ("dataset", "image_size", "cache_dir")):
+        return
+    ensure_feature_classifier(
+        extractor=metrics.get("extractor", "auto"), dataset=metrics.dataset, image_size=metrics.image_size,
+        cache_dir=metrics.cache_dir, classifier_ckpt=metrics.get("classifier_ckpt"),
+        data_dir=(cfg.get("paths") or {}).get("data_dir"), before_training=lambda: check_trainer_builds(cfg),
+    )
+
+
+def check_trainer_builds(cfg: DictConfig) -> None:
+    """Build the run's Trainer once without the evaluation callback and loggers (nothing is written), so a bad
+    trainer.* or callbacks.* setting fails before the one-time classifier training rather than after it."""
+    dry = copy.deepcopy(cfg)
+    with open_dict(dry):
+        dry.logger = None
+        if dry.get("callbacks"):
+            dry.callbacks.evaluation = None
+    lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = lightning_info.level
+    lightning_info.setLevel(logging.WARNING)  # the real Trainer says which devices it uses
+    try:
+        build_trainer(dry)
+    finally:
+        lightning_info.setLevel(level)
 
 
 def final_step(trainer: pl.Trainer, run_dir: Path) -> int:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -150,6 +151,42 @@ def load_or_compute(
         )
         save_atomic({**stats.to_dict(), **header}, path)
     return stats
+
+
+class ReferenceData(Protocol):
+    """What reference statistics need of a data module (difflab.data's image modules provide it)."""
+
+    image_size: int
+
+    def num_images(self, split: str) -> int: ...
+
+    def uint8_batches(self, split: str, *, limit: int | None = None) -> Iterable[Tensor]: ...
+
+
+def shared_reference(
+    data: ReferenceData,
+    extractor: FeatureExtractor,
+    *,
+    dataset: str,
+    split: str,
+    cache_dir: str | Path,
+    num_images: int | None = None,
+    is_rank_zero: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> ReferenceStats:
+    """The reference statistics of `split` (at most num_images of its un-augmented images) on every rank.
+
+    Rank zero computes and caches them (or reads the cache), everyone meets at `barrier` (the DDP
+    barrier; None for one process), then the other ranks read the cache rank zero wrote.
+    """
+    n = data.num_images(split)
+    n = n if num_images is None else min(n, num_images)
+    key = ReferenceKey(dataset=dataset, split=split, resolution=data.image_size, num_images=n, extractor=extractor.name)
+    batches = lambda: data.uint8_batches(split, limit=n)  # noqa: E731
+    stats = load_or_compute(key, batches, extractor, cache_dir) if is_rank_zero else None
+    if barrier is not None:
+        barrier()
+    return stats if stats is not None else load_or_compute(key, batches, extractor, cache_dir)
 
 
 def _header(key: ReferenceKey, extractor: FeatureExtractor, max_features: int | None) -> dict:

@@ -1,36 +1,64 @@
-"""Short sampler specs for difflab-eval's `samplers=[...]` list: heun-18, dpmpp-20, ode, pc-1000, ald-100."""
+"""Compact sampler specs, shorthand for a conf/sampler option with some of its options set.
+
+    ddim-50           -> ("ddim", {"steps": 50})
+    ddim-50-eta0.5    -> ("ddim", {"steps": 50, "eta": 0.5})
+    ddpm-100-large    -> ("ddpm", {"steps": 100, "variance": "fixed_large"})
+    heun-18-churn40   -> ("heun", {"steps": 18, "s_churn": 40.0})
+    ode-tol1e-4       -> ("ode", {"rtol": 1e-4, "atol": 1e-4})
+    pc-1000-em        -> ("pc", {"steps": 1000, "predictor": "euler_maruyama"})
+    ddim              -> ("ddim", {})          (any bare name: that sampler config as it is)
+
+Pure Python: the (name, options) pair is built the one way every sampler config is, by composing
+conf/sampler/<name>.yaml and setting the options (difflab.cli.sampler_specs).
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from difflab.samplers.langevin import ALD
-from difflab.samplers.pf_ode import PFODE
-from difflab.samplers.predictor_corrector import PC
-from difflab.samplers.solvers import DPMSolverPP, Heun
+_NUM = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+SPECS_HELP = ("ddpm[-<steps>][-large], ddim-<steps>[-eta<eta>], heun-<steps>[-churn<S>], dpmpp-<steps>, "
+              "ode[-tol<tol>], pc-<steps>[-rd|-em|-anc] (the predictor), ald-<steps per level>, or a bare "
+              "sampler config name (ddim, heun, ...)")
+PREDICTORS = {"rd": "reverse_diffusion", "em": "euler_maruyama", "anc": "ancestral"}
 
-FAST_SPEC = re.compile(
-    r"^(heun-(?P<heun>\d+)(-churn(?P<churn>[0-9.]+))?|dpmpp-(?P<dpmpp>\d+)|ode(-tol(?P<tol>[0-9.e-]+))?"
-    r"|pc-(?P<pc>\d+)(-(?P<pred>rd|em|anc))?|ald-(?P<ald>\d+))$"
-)
-FAST_SPECS_HELP = ("heun-<steps>[-churn<S>], dpmpp-<steps>, ode[-tol<tol>], pc-<steps>[-rd|-em|-anc] "
-                   "(rd/em/anc predictor with a Langevin corrector), ald-<steps per level>")
-PREDICTORS = {"rd": "reverse_diffusion", "em": "euler_maruyama", "anc": "ancestral", None: "reverse_diffusion"}
+_SPECS: list[tuple[str, re.Pattern[str]]] = [
+    ("ddpm", re.compile(r"^ddpm(?:-(?P<steps>\d+))?(?P<large>-large)?$")),
+    ("ddim", re.compile(rf"^ddim-(?P<steps>\d+)(?:-eta(?P<eta>{_NUM}))?$")),
+    ("heun", re.compile(rf"^heun-(?P<steps>\d+)(?:-churn(?P<s_churn>{_NUM}))?$")),
+    ("dpmpp", re.compile(r"^dpmpp-(?P<steps>\d+)$")),
+    ("ode", re.compile(rf"^ode(?:-tol(?P<tol>{_NUM}))?$")),
+    ("pc", re.compile(r"^pc-(?P<steps>\d+)(?:-(?P<predictor>rd|em|anc))?$")),
+    ("ald", re.compile(r"^ald-(?P<n_steps_each>\d+)$")),
+]
+_BARE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def parse_fast_sampler(spec: str):
-    """A sampler object from a spec such as 'heun-18', 'dpmpp-20', 'ode-tol1e-4', 'pc-500-em', 'ald-10'."""
-    m = FAST_SPEC.match(spec)
-    if not m:
-        raise ValueError(f"sampler {spec!r} is not understood; use {FAST_SPECS_HELP}")
-    g = m.groupdict()
-    if g["heun"]:
-        return Heun(steps=int(g["heun"]), s_churn=float(g["churn"] or 0.0))
-    if g["dpmpp"]:
-        return DPMSolverPP(steps=int(g["dpmpp"]))
-    if g["pc"]:
-        return PC(steps=int(g["pc"]), predictor=PREDICTORS[g["pred"]])
-    if g["ald"]:
-        return ALD(n_steps_each=int(g["ald"]))
-    tol = float(g["tol"]) if g["tol"] else 1e-5
-    return PFODE(rtol=tol, atol=tol)
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """(sampler config name, options) of a compact spec such as 'ddim-50-eta0.5'; a bare name has no options."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a sampler spec is a string, got {spec!r}")
+    for name, pattern in _SPECS:
+        m = pattern.match(spec)
+        if m:
+            return name, _options(name, {k: v for k, v in m.groupdict().items() if v is not None})
+    if _BARE_NAME.match(spec):
+        return spec, {}
+    raise ValueError(f"sampler {spec!r} is not understood; use {SPECS_HELP}, or a mapping {{name: <sampler>, <option>: <value>}}")
+
+
+def _options(name: str, groups: dict[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, text in groups.items():
+        if key in ("steps", "n_steps_each"):
+            options[key] = int(text)
+        elif key in ("eta", "s_churn"):
+            options[key] = float(text)
+        elif key == "tol":
+            options["rtol"] = options["atol"] = float(text)
+        elif key == "large":
+            options["variance"] = "fixed_large"
+        elif key == "predictor":
+            options["predictor"] = PREDICTORS[text]
+    return options

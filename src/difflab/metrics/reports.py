@@ -1,0 +1,97 @@
+"""What an evaluation writes: metrics JSON, quality-vs-NFE CSV and plots, a fixed-width table, logger keys.
+
+Rows are the engine's (difflab.metrics.evaluation.evaluate_samplers): one dict per sampler (and
+guidance scale) with `sampler`, `nfe`, the metric values and the settings that produced them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
+
+
+def flat_metrics(rows: Iterable[dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
+    """{'eval/fid/ddim-50': ...} for loggers."""
+    return {f"{prefix}/{k}/{r['sampler']}": float(r[k]) for r in rows for k in METRIC_KEYS if k in r}
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: Path, stem: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """metrics JSON, quality-vs-NFE CSV and PNG plot in out_dir; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}_vs_nfe.csv", "png": out_dir / f"{stem}_vs_nfe.png"}
+    paths["json"].write_text(json.dumps({"results": rows, **(extra or {})}, indent=2, default=str))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_quality_vs_nfe(rows, paths["png"])
+    if any("guidance_scale" in r for r in rows) and any("fid" in r and "is_mean" in r for r in rows):
+        paths["fid_vs_is"] = out_dir / f"{stem}_fid_vs_is.png"
+        plot_fid_vs_is(rows, paths["fid_vs_is"])
+    return paths
+
+
+def plot_fid_vs_is(rows: list[dict[str, Any]], path: Path) -> None:
+    """FID against IS, one line per sampler through its guidance scales, each point labelled w (Ho & Salimans 2022, Fig. 1 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "guidance_scale" in r and "fid" in r and "is_mean" in r:
+            groups.setdefault(r["settings"] + str(r.get("step", "")), []).append(r)
+    for members in groups.values():
+        members = sorted(members, key=lambda r: r["guidance_scale"])
+        base = members[0]["sampler"].rsplit("-w", 1)[0] + (f" @{members[0]['step']}" if "step" in members[0] else "")
+        ax.plot([r["is_mean"] for r in members], [r["fid"] for r in members], "o-", label=base)
+        for r in members:
+            ax.annotate(f"w={r['guidance_scale']:g}", (r["is_mean"], r["fid"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("IS")
+    ax.set_ylabel("FID")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_quality_vs_nfe(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per metric present: metric against NFE (log x), one labelled point per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("fid", "is_mean", "kid_mean", "precision", "recall") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = sorted((r["nfe"], r[key], r["sampler"]) for r in rows if key in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        for nfe, value, label in pts:
+            ax.annotate(label, (nfe, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({p[0] for p in pts}), [str(p) for p in sorted({p[0] for p in pts})])
+        ax.minorticks_off()
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A compact fixed-width table of the metrics per sampler."""
+    keys = [k for k in METRIC_KEYS if any(k in r for r in rows)]
+    head = f"{'sampler':<16}{'nfe':>6}" + "".join(f"{k:>11}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['sampler']:<16}{r['nfe']:>6}" + "".join(f"{r[k]:>11.4f}" for k in keys))
+    return "\n".join(lines)
