@@ -289,7 +289,7 @@ def test_bad_override_reports_itself_before_the_classifier(tmp_path):
     "content, message",
     [
         ({"state_dict": {}}, "holds no difflab run config"),
-        ({"state_dict": {}, "difflab": {"config": {"a": 1}, "parameterization": "eps"}}, "kind None"),
+        ({"state_dict": {}, "difflab": {"config": {"a": 1}, "parameterization": "eps"}}, "of kind 'diffusion', not 'classifier'"),
         (
             {"state_dict": {}, "difflab": {"config": {"classifier": {"net": {"_target_": "os.system"}}}, "kind": "classifier"}},
             "_target_='os.system' is not allowed",
