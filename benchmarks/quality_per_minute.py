@@ -31,7 +31,9 @@ IMAGE_SIZE = 8
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFLAB_CACHE_DIR", ".cache/difflab"))
+    from difflab.cli.config import cache_dir as difflab_cache_dir  # what paths.cache_dir resolves to
+
+    return Path(difflab_cache_dir())
 
 
 def ensure_classifier() -> Path:

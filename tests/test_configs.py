@@ -106,3 +106,51 @@ def test_wandb_run_name_and_sweep_group(tmp_path):
     cfg = compose_train(tmp_path, ["hydra.mode=MULTIRUN", "hydra.sweep.dir=outputs/multirun/2026-01-01/10-00-00"])
     assert HydraConfig.get().mode == RunMode.MULTIRUN
     assert cfg.logger.wandb.group == "outputs_multirun_2026-01-01_10-00-00"
+
+
+def test_default_digits_run_is_unchanged(tmp_path):
+    """The relative defaults resolve to the embedded demo's values: attention at 4, 64-image grids on all
+    T steps, 500 evaluation samples; the net is the one every digits checkpoint holds."""
+    from difflab.nets.unet import UNet
+
+    cfg = compose_train(tmp_path, [])
+    assert list(cfg.model.attn_resolutions) == [4]
+    assert cfg.callbacks.sample_grid.num_samples == 64 and cfg.callbacks.evaluation.num_samples == 500
+    assert cfg.callbacks.sample_grid.samplers.ddpm.steps == cfg.schedule.T  # all T: the same process as null
+    net = instantiate(cfg.model)
+    before = UNet(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(4,),
+                  dropout=0.0, num_heads=1, channels_last=True)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in before.state_dict().items()}
+
+
+def test_ddpm_on_all_steps_equals_steps_null():
+    from difflab.diffusion.schedules import NoiseSchedule, linear_betas
+    from difflab.samplers import ddpm_sample
+
+    sched = NoiseSchedule.from_betas(linear_betas(40))
+
+    def model_fn(x_t, t):
+        return torch.tanh(x_t) * (1 + t[:, None, None, None] / 40)
+
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    a, b = (ddpm_sample(model_fn, x_T, sched, steps=s, generator=torch.Generator().manual_seed(1)) for s in (None, 40))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [64, 32, 28])
+def test_default_model_and_callbacks_fit_own_images(tmp_path, size):
+    """data=image_folder with any image size: attention at size // 2, and end-of-run sampling that costs
+    about what the digits run's does (images x steps x pixels)."""
+    cfg = compose_train(tmp_path, ["data=image_folder", f"data.image_size={size}", "model=default"])
+    net = instantiate(cfg.model)
+    assert net.attn_resolutions == (size // 2,)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert net(x, torch.tensor([5])).shape == x.shape
+    grid, evaluation = cfg.callbacks.sample_grid, cfg.callbacks.evaluation
+    digits_grid, digits_eval = 64 * (1000 + 50) * 8**2, 500 * 50 * 8**2
+    assert grid.num_samples >= 4 and grid.samplers.ddpm.steps >= 100
+    assert grid.num_samples * (grid.samplers.ddpm.steps + grid.samplers.ddim.steps) * size**2 <= digits_grid
+    assert 10 <= evaluation.num_samples and evaluation.num_samples * 50 * size**2 <= 1.5 * digits_eval
+    cfg = compose_train(tmp_path, ["data=image_folder", f"data.image_size={size}", "model.attn_resolutions=[]"])
+    assert instantiate(cfg.model).attn_resolutions == ()  # absolute resolutions still work

@@ -23,10 +23,18 @@ from difflab.samplers.base import Sampler
 from difflab.samplers.generate import Guidance
 
 
-def grid_image(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """(N, C, H, W) uint8 images -> one (H', W', 3) uint8 grid with nrow columns (default ~sqrt N)."""
+def grid_image(images: torch.Tensor, nrow: int | None = None, min_width: int = 256) -> np.ndarray:
+    """(N, C, H, W) uint8 images -> one (H', W', 3) uint8 grid with nrow columns (default ~sqrt N).
+
+    A grid narrower than min_width pixels is enlarged by the smallest integer factor that reaches it,
+    nearest neighbour (every pixel becomes a k x k block), so 8x8 digits stay readable; arrays of
+    samples (difflab-sample's .npz) keep the native resolution.
+    """
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
     grid = make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=0)  # (3, H', W')
+    factor = max(1, math.ceil(min_width / grid.shape[-1]))
+    if factor > 1:
+        grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # (3, k H', k W')
     return grid.permute(1, 2, 0).numpy()
 
 

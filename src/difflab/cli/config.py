@@ -11,18 +11,55 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+PACKAGE_CONFIG = "pkg://difflab.conf"  # the config tree ships inside the package (src/difflab/conf -> conf/)
+
+
 def config_dir() -> str:
-    """Absolute path of the Hydra config tree: $DIFFLAB_CONFIG_DIR, else the repository's conf/."""
+    """Absolute path of the Hydra config tree: $DIFFLAB_CONFIG_DIR, else the installed difflab/conf.
+
+    In the repository (editable install) difflab/conf links to the top-level conf/; a wheel holds a copy.
+    """
     env = os.environ.get("DIFFLAB_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "conf")  # src/difflab/cli -> repo root
+    candidates = [Path(env).expanduser().resolve()] if env else []
+    candidates.append((Path(__file__).resolve().parents[1] / "conf").resolve())  # difflab/cli -> difflab/conf
     for path in candidates:
         if (path / "train.yaml").is_file():
             return str(path)
     raise FileNotFoundError(
         f"no difflab config tree (train.yaml) found in {[str(p) for p in candidates]}; "
-        "install difflab with `pip install -e .` from its repository or set DIFFLAB_CONFIG_DIR"
+        "reinstall difflab (`pip install .`) or set DIFFLAB_CONFIG_DIR to a folder holding train.yaml"
     )
+
+
+def config_path() -> str:
+    """What the entry points give `@hydra.main(config_path=...)`: pkg://difflab.conf, or $DIFFLAB_CONFIG_DIR.
+
+    Your own configs compose with ours through Hydra's search path: `--config-dir DIR` or
+    `hydra.searchpath=[file:///abs/DIR]` (docs/architecture.md#your-own-configs).
+    """
+    return config_dir() if os.environ.get("DIFFLAB_CONFIG_DIR") else PACKAGE_CONFIG
+
+
+def cache_dir() -> str:
+    """Feature classifiers and reference statistics: $DIFFLAB_CACHE_DIR, else $XDG_CACHE_HOME/difflab, else ~/.cache/difflab."""
+    env = os.environ.get("DIFFLAB_CACHE_DIR")
+    if env:
+        return str(Path(env).expanduser())
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative values are ignored
+    return str(base / "difflab")
+
+
+def downsampled(image_size: int, factors: Any) -> list[int]:
+    """${difflab_downsampled:${data.image_size},[2]} -> [image_size // 2]: resolutions given relative to the image."""
+    return [int(image_size) // int(f) for f in factors]
+
+
+def pixel_budget(count: int, at_size: int, image_size: int, minimum: int = 1) -> int:
+    """${difflab_pixel_budget:64,8,${data.image_size}}: count scaled by the pixels of at_size^2 / image_size^2
+    (sampling then costs about the same at any image size), at least `minimum`, never more than `count`."""
+    scaled = round(int(count) * int(at_size) ** 2 / int(image_size) ** 2)
+    return min(int(count), max(int(minimum), scaled))
 
 
 def wandb_offline() -> bool:
@@ -64,7 +101,8 @@ def register_resolvers() -> None:
     from difflab.cli.cluster import run_id
 
     for name, fn in (("difflab_wandb_offline", wandb_offline), ("difflab_run_name", run_name),
-                     ("difflab_sweep_group", sweep_group)):
+                     ("difflab_sweep_group", sweep_group), ("difflab_cache_dir", cache_dir),
+                     ("difflab_downsampled", downsampled), ("difflab_pixel_budget", pixel_budget)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     # cached like ${now:}: Hydra copies the cache into every job of a sweep (and submitit pickles it),

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli.config import config_dir, to_container
+from difflab.cli.config import config_path, to_container
 from difflab.cli.feature_classifier import ensure_feature_classifier
 from difflab.cli.process_setup import setup_process
 from difflab.cli.sample import resolve_device
@@ -157,7 +157,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+@hydra.main(config_path=config_path(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup_process()
     evaluate(cfg)

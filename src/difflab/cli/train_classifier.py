@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.cli.trainer_setup import build_trainer
-from difflab.cli.config import config_dir, to_container
+from difflab.cli.config import config_path, to_container
 from difflab.cli.process_setup import setup_process
 from difflab.lit.checkpoint_io import load_classifier
 from difflab.lit.classifier import ClassifierModule
@@ -93,7 +93,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float | str]:
     return {"out_path": str(path), **{k: float(v) for k, v in final.items()}}
 
 
-@hydra.main(config_path=config_dir(), config_name="train_classifier", version_base="1.3")
+@hydra.main(config_path=config_path(), config_name="train_classifier", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup_process()
     train_classifier(cfg)
