@@ -469,3 +469,14 @@ def test_config_is_the_single_source_of_constructor_defaults(name: str, tmp_path
     assert not disagree, f"{cls.__name__} defaults disagree with conf/data/{name}.yaml: {disagree}"
     for key in ("image_size", "channels", "batch_size", "num_workers", "val_fraction", "seed", "hflip"):
         assert getattr(dm, key) == data[key], key
+
+
+def test_a_few_own_images_train_as_one_batch_with_a_warning(class_folder: Path):
+    # 6 images, val_fraction 0.2 -> 5 in the train split; the default batch_size (64) would yield no batch
+    dm = configured(ImageFolderDataModule, root=class_folder, image_size=8, batch_size=64, val_fraction=0.2,
+                    num_workers=0)
+    with pytest.warns(UserWarning, match=r"train split holds 5 images.*fewer than batch_size=64.*batch_size=5"):
+        dm.setup("fit")
+    x, y = first_batch(dm.train_dataloader())
+    assert_model_batch(x, y, b=5, c=3, s=8)
+    assert len(dm.train_dataloader()) == 1

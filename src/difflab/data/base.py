@@ -19,6 +19,7 @@ run sees the same order as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Literal
 
@@ -135,13 +136,20 @@ class ImageDataModule(pl.LightningDataModule):
             len(full), val_fraction=self.val_fraction, seed=self.seed
         )
         if len(train_idx) < self.batch_size:
-            raise ValueError(
-                f"{type(self).__name__}: the train split holds {len(train_idx)} images "
-                f"({len(full)} in total, val_fraction={self.val_fraction}), fewer than "
-                f"batch_size={self.batch_size}; with drop_last=True no batch would be produced. "
-                f"Allowed: batch_size <= {len(train_idx)}"
-            )
+            self._fit_batch_to(len(train_idx), len(full))
         self._train, self._val = Subset(full, train_idx), Subset(full, val_idx)
+
+    def _fit_batch_to(self, n_train: int, n_total: int) -> None:
+        """A train split smaller than batch_size (a first try on a few own images): one batch of the whole
+        split (a multiple of the process count), with a warning; drop_last would otherwise yield no batch."""
+        fitted = n_train - n_train % self._world_size
+        where = (f"{type(self).__name__}: the train split holds {n_train} images ({n_total} in total, "
+                 f"val_fraction={self.val_fraction}), fewer than batch_size={self.batch_size}")
+        if fitted < 1:
+            raise ValueError(f"{where}; {self._world_size} processes need at least one image each")
+        warnings.warn(f"{where}: training with batch_size={fitted} (set data.batch_size to choose)", stacklevel=2)
+        self.batch_size = fitted
+        self.device_batch_size = per_device_batch_size(fitted, self._world_size)
 
     def _setup_standalone(self) -> None:
         """Used outside a Trainer (scripts, notebooks): prepare then set up on first access."""

@@ -3,7 +3,7 @@
 from difflab.samplers.base import DenoiserSampler, Sampler, SamplerBase, dynamic_threshold, predict, predict_x0_eps, reverse_loop
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
-from difflab.samplers.generate import Guidance, generate
+from difflab.samplers.generate import Guidance  # generate(): from difflab.samplers.generate (a name here would hide the module)
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 from difflab.samplers.langevin import ALD, annealed_langevin_sample
 from difflab.samplers.pf_ode import PFODE, pf_ode_sample
@@ -15,7 +15,6 @@ __all__ = [
     "DenoiserSampler",
     "Guidance",
     "SamplerBase",
-    "generate",
     "DPMSolverPP",
     "Heun",
     "PC",
