@@ -107,9 +107,28 @@ def test_sample_ddpm_into_run_directory(trained, tmp_path):
     ],
 )
 def test_bad_sampler_settings_fail_clearly(trained, tmp_path, override, message):
+    # in process (difflab-sample's own function on the config Hydra composes): no interpreter start per case
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from difflab.cli.config import config_dir
+    from difflab.cli.sample import sample
+
     ckpt = trained / "checkpoints" / "last.ckpt"
-    proc = run("difflab.cli.sample", f"ckpt_path={ckpt}", *override.split(), f"out_dir={tmp_path}", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    GlobalHydra.instance().clear()
+    try:
+        with pytest.raises(Exception) as err, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("sample", [f"ckpt_path={ckpt}", *override.split(), f"out_dir={tmp_path}"],
+                          return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            sample(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert message in str(err.value), str(err.value)
     assert not list(tmp_path.glob("*.npz"))
 
 
