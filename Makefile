@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.difflab-installed
 
-.PHONY: train test sample bench bench-quality bench-deps clean-venv
+.PHONY: train test sample bench bench-quality bench-deps gpu-wheels gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,23 @@ bench-quality: bench-deps
 bench-deps: $(STAMP)
 	@$(BIN)/python -c "import diffusers, denoising_diffusion_pytorch" 2>/dev/null || \
 		$(BIN)/python -m pip install --quiet -e ".[bench]" torch==2.14.1 torchvision==0.29.1
+
+## wheels of what the GPU check needs and the GPU machine lacks (hydra-core, omegaconf, antlr4, torch-fidelity,
+## EfficientNet-Lite0, diffusers; Python 3.12 manylinux x86-64) into .whl/, checked; run here, with network
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py download --dest .whl
+
+## the one-shot GPU check (docs/performance.md, "GPU check"): with a CUDA GPU, that machine's python3 installs
+## .whl/ into a target folder and runs pytest -m gpu, a ~2 min ddpm_cifar10 run and the CUDA bench (< 8 min);
+## without one, .venv runs the CPU-side plumbing. Results: GPU_CHECK_OUT (outputs/gpu-check/), ARGS="--stages env"
+GPU_CHECK_OUT ?= outputs/gpu-check
+gpu-check:
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" >/dev/null 2>&1; then \
+		PYTHON=$(PYTHON) sh benchmarks/gpu_check.sh --out "$(GPU_CHECK_OUT)" $(ARGS); \
+	else \
+		echo "gpu-check: $(PYTHON) sees no CUDA GPU: the CPU-side plumbing with $(BIN)/python (GPU stages skipped)"; \
+		$(MAKE) --no-print-directory $(STAMP) && $(BIN)/python benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)" $(ARGS); \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)
