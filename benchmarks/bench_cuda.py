@@ -9,6 +9,11 @@ reset between them):
 - diffusers: its train_unconditional example's step (DDPMScheduler.add_noise, MSE on the noise,
   AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, EMAModel with its warm-up), DDIM-50 through
   DDIMPipeline.
+--means (difflab alone, `run_means`): each performance mean of issue 18 on / off against the current setup,
+one row each (MEANS: compile of the training net, compile of the sampling net, channels_last, cudnn.benchmark,
+foreach vs fused Adam, float32 matmul precision; plus cross-checks), img/s relative to the row's base row,
+compile seconds apart, within --budget (300 s), the JSON rewritten after each row.
+
 Precisions: bf16 (torch.autocast("cuda", bfloat16), what trainer.precision=bf16-mixed does) and tf32
 (float32 weights, TF32 matmuls and convolutions). cudnn.benchmark stays at torch's default (off) for
 both, as neither tool's default turns it on. lucidrains' denoising-diffusion-pytorch is measured only
@@ -17,6 +22,7 @@ when installed (it is not carried to the GPU machine). MFU = images/s x 3 x forw
 
     python benchmarks/bench_cuda.py --json out.json              # on a CUDA machine
     python benchmarks/bench_cuda.py --device cpu --ch 8 --batch 2 --train-steps 1 --ddim-steps 2   # plumbing
+    python benchmarks/bench_cuda.py --means --json means.json     # each mean on / off, on a CUDA machine
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,10 +63,11 @@ def sync(device: torch.device) -> None:
 class Difflab:
     name = "difflab"
 
-    def __init__(self, device: torch.device, ch: int, batch: int, ddim_steps: int) -> None:
+    def __init__(self, device: torch.device, ch: int, batch: int, ddim_steps: int,
+                 overrides: tuple[str, ...] = ()) -> None:
         from difflab.lit.from_config import build_module
 
-        cfg = compose_train(["experiment=ddpm_cifar10", f"model.ch={ch}"])
+        cfg = compose_train(["experiment=ddpm_cifar10", f"model.ch={ch}", *overrides])
         self.module = build_module(cfg).to(device)
         self.optimizer = self.module.configure_optimizers()["optimizer"]  # after .to(): fused needs CUDA params
         self.net = self.module.net
@@ -199,6 +207,245 @@ def measure(kind: str, args: argparse.Namespace, precision: str, deadline: float
     return out
 
 
+# ------------------------------------------------------------------ --means: each performance mean on / off
+
+
+@dataclass(frozen=True)
+class Mean:
+    """One row of --means: difflab's ddpm_cifar10 with one mean switched against the current setup (row `base`)."""
+
+    name: str
+    mean: str  # what this row switches, in words
+    precision: str = "bf16"  # bf16: autocast bfloat16; fp32: float32 weights, no autocast (see `matmul`)
+    base: str | None = "base"  # the row it is compared with (None: a reference row itself)
+    train: bool = True
+    ddim: bool = True
+    overrides: tuple[str, ...] = ()  # Hydra overrides on top of experiment=ddpm_cifar10
+    cudnn_benchmark: bool = False
+    matmul: str | None = None  # torch.set_float32_matmul_precision for fp32 rows
+    compile_train: bool = False  # net.compile(dynamic=False): the training net in place (what module.compile does)
+    compile_sampling: str | None = None  # "ema": the EMA net compiled; "sampling_net": sampling_net(EMA) compiled
+    extra: bool = False  # not one of issue 18's six means: an added cross-check
+
+    @property
+    def compiles(self) -> bool:
+        return self.compile_train or self.compile_sampling is not None
+
+
+MEANS = (  # issue 18's six means first (cheap rows, then the two compile rows), cross-checks (extra) last
+    Mean("base", "current setup: channels_last, fused Adam, eager, cudnn.benchmark off", base=None),
+    Mean("channels_last_off", "channels_last off (NCHW net): model.channels_last=false",
+         overrides=("model.channels_last=false",)),
+    Mean("cudnn_benchmark", "torch.backends.cudnn.benchmark=True", cudnn_benchmark=True),
+    Mean("foreach_adam", "optimizer foreach instead of fused: optimizer.fused=false +optimizer.foreach=true",
+         overrides=("optimizer.fused=false", "+optimizer.foreach=true"), ddim=False),
+    Mean("compile_train", "torch.compile of the training net: net.compile(dynamic=False), default mode",
+         compile_train=True, ddim=False),
+    Mean("compile_sampling", "torch.compile of the EMA net that module.sample/generate runs (sampling_net "
+         "returns a compiled net as is: no weights cast once)", compile_sampling="ema", train=False),
+    Mean("fp32_highest", "float32, torch defaults: matmuls full fp32, cuDNN convs TF32 (what trainer.precision=32 "
+         "runs: difflab sets neither flag)", precision="fp32", base=None, matmul="highest"),
+    Mean("fp32_high", "float32 + torch.set_float32_matmul_precision('high'): TF32 matmuls too (= bench tf32)",
+         precision="fp32", base="fp32_highest", matmul="high"),
+    Mean("base_again", "current setup again: the run-to-run spread of the eager rows", extra=True),
+    Mean("tf32_channels_last_off", "fp32_high with channels_last off (the tf32 gap to diffusers)", precision="fp32",
+         base="fp32_high", matmul="high", overrides=("model.channels_last=false",), extra=True),
+    Mean("compile_sampling_net", "torch.compile of sampling_net(EMA, bf16) (weights cast once, then compiled; "
+         "generate runs it as is)", compile_sampling="sampling_net", train=False, extra=True),
+    Mean("all_on", "compile_train + compile_sampling + cudnn_benchmark together", compile_train=True,
+         compile_sampling="ema", cudnn_benchmark=True, extra=True),
+)
+MEAN_NAMES = tuple(m.name for m in MEANS)
+COMPILE_MIN_LEFT = 60.0  # seconds of the budget a compile row needs left to start
+
+
+def float32_flags() -> dict:
+    flags = {"matmul_precision": torch.get_float32_matmul_precision(),
+             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    return flags
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def measure_mean(row: Mean, args: argparse.Namespace, deadline: float, facts: dict, out: dict,
+                 save=lambda: None) -> dict:
+    """Training and/or DDIM img/s of difflab with `row`'s mean into `out`; first-call (compile) seconds apart from
+    timing. save() after each phase, so a process killed in a long compile still leaves what it measured."""
+    device = torch.device(args.device)
+    gc.collect()
+    if row.compiles:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # a fresh process's compile state: no earlier row's graphs or guards
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    set_precision("bf16" if row.precision == "bf16" else "tf32")  # cuDNN TF32 on for both (torch's default)
+    if row.matmul:
+        torch.set_float32_matmul_precision(row.matmul)
+    torch.backends.cudnn.benchmark = row.cudnn_benchmark
+    prec = "bf16" if row.precision == "bf16" else "fp32"
+    torch.manual_seed(0)
+    system = Difflab(device, args.ch, args.batch, args.ddim_steps, overrides=row.overrides)
+    if "forward_flops_per_image" not in facts:
+        facts["forward_flops_per_image"] = system.flops_per_image()
+    out.update(flags=float32_flags(), channels_last=bool(system.net.channels_last),
+               optimizer={k: system.optimizer.defaults.get(k) for k in ("fused", "foreach")})
+    graphs0, breaks0 = dynamo_counts()
+    compile_kw = dict(dynamic=False, backend=args.compile_backend)
+    if row.compile_train:
+        system.net.compile(**compile_kw)
+
+    def repeats(fn, n: int, count: int) -> list[float]:  # at least one timed repetition, more while in budget
+        times = [timed(fn, device, n)]
+        while len(times) < count and time.perf_counter() < deadline:
+            times.append(timed(fn, device, n))
+        return times
+
+    if row.train:
+        step = lambda: system.train_step(prec)  # noqa: E731
+        out["train_first_step_s"] = timed(step, device, 1)  # compiles forward and backward on a compiled row
+        save()
+        for _ in range(max(args.warmup - 1, 1 if row.compile_train else 0)):
+            step()
+        out["train_s_per_step"] = statistics.median(repeats(step, args.train_steps, args.repeats))
+        out["train_images_per_s"] = args.batch / out["train_s_per_step"]
+        out["train_mfu"] = out["train_images_per_s"] * 3 * facts["forward_flops_per_image"] / args.peak_flops
+        if row.compile_train:
+            out["train_compile_s"] = max(0.0, out["train_first_step_s"] - out["train_s_per_step"])
+        if device.type == "cuda":
+            out["train_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        save()
+    if row.ddim and time.perf_counter() < deadline:
+        ddim = lambda: system.ddim(prec)  # noqa: E731  module.sample -> generate -> sampling_net(EMA)
+        if row.compile_sampling == "ema":
+            system.module.ema.module.compile(**compile_kw)
+        elif row.compile_sampling == "sampling_net":
+            from difflab.nets.inference import sampling_net
+            from difflab.samplers import DDIM
+            from difflab.samplers.generate import generate
+
+            module = system.module
+            fast = sampling_net(module.ema.module.eval(), torch.bfloat16 if prec == "bf16" else None)
+            fast.compile(**compile_kw)
+            ddim = lambda: generate(fast, module.schedule, DDIM(steps=args.ddim_steps), range(args.batch),  # noqa: E731
+                                    parameterization=module.parameterization, model_variance=module.model_variance,
+                                    precision="bf16-mixed" if prec == "bf16" else None)
+        with torch.no_grad():
+            out["ddim_first_s"] = timed(ddim, device, 1)  # warm-up: cuDNN plans, allocations, the compile
+            save()
+            out["ddim_s_per_batch"] = statistics.median(repeats(ddim, 1, args.ddim_repeats))
+        out["ddim_images_per_s"] = args.batch / out["ddim_s_per_batch"]
+        if row.compile_sampling:
+            out["ddim_compile_s"] = max(0.0, out["ddim_first_s"] - out["ddim_s_per_batch"])
+        if device.type == "cuda":
+            out["ddim_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif row.ddim:
+        out["ddim_skipped"] = "over the budget"
+    if row.compiles:
+        graphs, breaks = dynamo_counts()
+        out["dynamo_graphs"], out["graph_breaks"] = graphs - graphs0, breaks - breaks0
+    del system
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def means_table(result: dict) -> str:
+    """The --means rows as Markdown: img/s of each row and its ratio to the row it is compared with."""
+    fmt = lambda v, spec=".4g": "—" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| row | precision | train img/s | vs base | DDIM img/s | vs base | compile s (train / DDIM) | "
+             "train peak GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        m = r.get("measured") or {}
+        lines.append(
+            f"| {r['name']}{' (extra)' if r['extra'] else ''} | {r['precision']} | {fmt(m.get('train_images_per_s'))} | "
+            f"{fmt(r.get('train_vs_base'), '.3f')}{'x' if r.get('train_vs_base') else ''} | "
+            f"{fmt(m.get('ddim_images_per_s'))} | {fmt(r.get('ddim_vs_base'), '.3f')}{'x' if r.get('ddim_vs_base') else ''} | "
+            f"{fmt(m.get('train_compile_s'), '.0f')} / {fmt(m.get('ddim_compile_s'), '.0f')} | "
+            f"{fmt(m.get('train_peak_memory_gib'), '.2f')} | {r['status'].splitlines()[0][:60]} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
+
+
+def run_means(args: argparse.Namespace) -> dict:
+    """Every selected row of MEANS in this process, in order, within args.budget; the JSON rewritten after each."""
+    start = time.perf_counter()
+    deadline = start + args.budget
+    device = torch.device(args.device)
+    selected = [m for m in MEANS if m.name in args.means_rows]
+    result: dict = {"facts": {
+        "mode": "means", "system": "difflab (experiment=ddpm_cifar10)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "batch": args.batch, "ch": args.ch,
+        "ddim_steps": args.ddim_steps, "warmup": args.warmup, "train_steps": args.train_steps,
+        "repeats": args.repeats, "ddim_repeats": args.ddim_repeats, "budget_s": args.budget,
+        "compile_backend": args.compile_backend, "compile_mode": "default", "compile_dynamic": False,
+        "compile_min_left_s": COMPILE_MIN_LEFT, "peak_flops": args.peak_flops,
+        "defaults": float32_flags(),
+        "timing": "median seconds of `repeats` x `train_steps` steps (DDIM: `ddim_repeats` batches) after warm-up; "
+                  "the first step / DDIM batch (with any compile) is timed apart: *_first_s, *_compile_s = first - "
+                  "median; vs base = img/s over the `base` row's img/s (> 1: the mean helps)",
+    }, "rows": [dict(name=m.name, mean=m.mean, precision=m.precision, base=m.base, extra=m.extra, status="pending")
+                for m in selected], "errors": {}}
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    by_name: dict[str, dict] = {}
+    try:
+        for row, rec in zip(selected, result["rows"]):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                rec["status"] = "skipped: over the budget"
+            elif row.compiles and left < min(COMPILE_MIN_LEFT, args.budget / 2):
+                rec["status"] = f"skipped: {left:.0f} s of the budget left, a compile row needs {COMPILE_MIN_LEFT:.0f} s"
+            else:
+                rec["status"] = "running"
+                write_json(args.json, result)
+                t0 = time.perf_counter()
+                try:
+                    rec["measured"] = {}
+                    by_name[row.name] = measure_mean(row, args, deadline, result["facts"], rec["measured"],
+                                                     lambda: write_json(args.json, result))
+                    rec["status"] = "measured"
+                except Exception:
+                    rec["status"] = "failed: " + traceback.format_exc().strip().splitlines()[-1][:300]
+                    result["errors"][row.name] = traceback.format_exc()[-3000:]
+                    print(f"  means/{row.name} failed:\n{result['errors'][row.name]}", file=sys.stderr, flush=True)
+                finally:
+                    torch.set_float32_matmul_precision(saved[0])
+                    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+                    gc.collect()
+                rec["seconds"] = round(time.perf_counter() - t0, 1)
+                base = by_name.get(row.base or "", {})
+                m = rec.get("measured") or {}
+                rec["train_vs_base"] = ratio(m.get("train_images_per_s"), base.get("train_images_per_s"))
+                rec["ddim_vs_base"] = ratio(m.get("ddim_images_per_s"), base.get("ddim_images_per_s"))
+                print(f"  means/{row.name} ({rec['seconds']} s): {json.dumps(m)}", file=sys.stderr, flush=True)
+            result["facts"]["seconds"] = round(time.perf_counter() - start, 1)
+            result["table"] = means_table(result)
+            write_json(args.json, result)
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -211,10 +458,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed training repetitions (median)")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--ddim-repeats", type=int, default=2, help="timed DDIM samples after one warm-up (median)")
-    p.add_argument("--budget", type=float, default=110.0, help="seconds; later measurements are skipped past it")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds (default 110, with --means 300); later measurements are skipped past it")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_DENSE_PEAK)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--means", action="store_true",
+                   help="difflab only: each performance mean on / off against the current setup (rows of MEANS)")
+    p.add_argument("--means-rows", default=",".join(MEAN_NAMES), help="comma list of --means rows (default: all)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --means' compile rows")
     args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 300.0 if args.means else 110.0
+    args.means_rows = [s for s in args.means_rows.split(",") if s]
+    unknown = [s for s in args.means_rows if s not in MEAN_NAMES]
+    if unknown or not args.means_rows:
+        p.error(f"--means-rows: unknown {unknown or 'empty list'}; rows: {', '.join(MEAN_NAMES)}")
     args.precisions = [s for s in args.precisions.split(",") if s]
     args.systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in args.precisions if s not in ("bf16", "tf32", "fp32")] + [s for s in args.systems if s not in SYSTEMS]
@@ -280,6 +538,11 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.means:
+        result = run_means(args)
+        print(result["table"])
+        print(f"means: {result['facts']['seconds']} s; JSON: {args.json}", file=sys.stderr)
+        return 1 if result["errors"] or not any(r["status"] == "measured" for r in result["rows"]) else 0
     result = run(args)
     print(format_table(result))
     if result["errors"]:

@@ -11,6 +11,9 @@ Stages, each in its own subprocess with its own time budget (seconds; --budgets 
   bench   benchmarks/bench_cuda.py: difflab's ddpm_cifar10 vs diffusers' UNet2DModel, batch 128,
           bf16 and tf32: training img/s (forward + backward + optimizer + EMA), DDIM-50 img/s,
           peak memory, MFU                                                                      (130 s)
+  means   (only when selected: --stages means) `bench_cuda.py --means`: difflab alone, each performance
+          mean on / off against its current setup (compile of the training step and of the sampling
+          net, channels_last, cudnn.benchmark, fused vs foreach Adam, float32 matmul precision)   (330 s)
 The whole run also stops at --total-budget (450 s): a stage gets at most what is left.
 
 Without CUDA (a developer's machine) the GPU stages are skipped: env runs, `pytest -m gpu` only
@@ -42,10 +45,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
-STAGES = ("env", "pytest", "train", "bench")
+STAGES = ("env", "pytest", "train", "bench", "means")
+DEFAULT_STAGES = ("env", "pytest", "train", "bench")  # means runs only when --stages names it
 TITLES = {"env": "environment", "pytest": "pytest -m gpu", "train": "real run: ddpm_cifar10, trainer=gpu, bf16-mixed",
-          "bench": "bench vs diffusers (CUDA)"}
-BUDGETS = {"env": 45.0, "pytest": 110.0, "train": 170.0, "bench": 130.0}
+          "bench": "bench vs diffusers (CUDA)", "means": "each mean on / off (difflab, CUDA)"}
+BUDGETS = {"env": 45.0, "pytest": 110.0, "train": 170.0, "bench": 130.0, "means": 330.0}
 TOTAL_BUDGET = 450.0
 LOG_LIMIT = 4 * 2**20  # bytes of each stage log kept in --out
 MISSING_HINT = ("run `make gpu-wheels` on a machine with network and carry .whl/ here (device run: carry [\".whl\"]); "
@@ -205,7 +209,8 @@ class Check:
         self.report: dict = {
             "schema": 1, "started": now_iso(), "finished": None, "mode": "gpu" if self.cuda else "cpu",
             "python": args.python, "out": str(self.out), "total_budget_s": args.total_budget,
-            "stages": {s: {"title": TITLES[s], "status": "pending", "budget_s": args.budgets[s]} for s in STAGES},
+            "stages": {s: {"title": TITLES[s], "status": "pending", "budget_s": args.budgets[s]} for s in STAGES
+                       if s in DEFAULT_STAGES or s in args.stages},
         }
         self.write()
 
@@ -221,8 +226,7 @@ class Check:
         write_atomic(self.out / "gpu_check.md", markdown(self.report))
 
     def run(self) -> dict:
-        for stage in STAGES:
-            rec = self.report["stages"][stage]
+        for stage, rec in self.report["stages"].items():
             if stage not in self.args.stages:
                 rec.update(status="skipped", reason="not selected (--stages)")
                 self.write()
@@ -395,6 +399,21 @@ class Check:
         if self._finish(rec, rc, tail, log, budget):
             rec["status"] = "passed"
 
+    # -- means (only when selected)
+
+    def stage_means(self, rec: dict, budget: float) -> None:
+        if not self.cuda:
+            rec.update(status="skipped", reason="no CUDA GPU")
+            return
+        log = self._log("means")
+        out = self.out / "means.json"  # rewritten after each row: a run cut short keeps its rows
+        cmd = [self.args.python, str(BENCH_DIR / "bench_cuda.py"), "--means", "--json", str(out),
+               "--budget", str(max(10.0, budget - 30.0)), *self.args.means_args]
+        rc, _, tail = run_logged(cmd, log=log, timeout=budget, env=stage_env(), prefix="[means] ")
+        rec["results"] = json.loads(out.read_text()) if out.is_file() else {}
+        if self._finish(rec, rc, tail, log, budget):
+            rec["status"] = "passed"
+
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -513,6 +532,11 @@ def key_numbers(stage: str, rec: dict) -> str:
         parts = [f"{row['what']} {row['precision']} {_fmt(row['ratio'], '.2f')}x" for row in r["rows"]
                  if row["what"] != "train peak GiB"]
         return "difflab / diffusers: " + ", ".join(parts)
+    if stage == "means" and r.get("rows"):
+        parts = [f"{row['name']} " + "/".join(_fmt(row.get(k), ".2f") + "x" if row.get(k) else "—"
+                                                for k in ("train_vs_base", "ddim_vs_base"))
+                 for row in r["rows"] if row.get("base")]
+        return "train/DDIM img/s vs base: " + ", ".join(parts)
     return ""
 
 
@@ -542,6 +566,12 @@ def markdown(report: dict) -> str:
         if bench.get("errors"):
             lines += ["", "bench errors: " + "; ".join(f"{k}: {str(v).strip().splitlines()[-1]}"
                                                        for k, v in bench["errors"].items())]
+    means = (report["stages"].get("means") or {}).get("results") or {}
+    if means.get("table"):
+        f = means["facts"]
+        lines += ["", "## each mean on / off (difflab)", "", f"{f.get('device')}, batch {f.get('batch')}, torch "
+                  f"{f.get('torch')}, {f.get('seconds')} s of a {f.get('budget_s'):.0f} s budget; {f.get('timing')}",
+                  "", means["table"]]
     train = report["stages"]["train"]
     if train.get("command"):
         lines += ["", "## real run", "", f"`{train['command']}`", "", f"data: {train.get('data')}"]
@@ -592,7 +622,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("GPU_CHECK_OUT") or ROOT / "outputs" / "gpu-check"),
                    help="results folder (default $GPU_CHECK_OUT, else outputs/gpu-check/)")
-    p.add_argument("--stages", type=parse_stages, default=list(STAGES), help="comma list (default: all)")
+    p.add_argument("--stages", type=parse_stages, default=list(DEFAULT_STAGES),
+                   help=f"comma list of {', '.join(STAGES)} (default: all but means)")
     p.add_argument("--budgets", type=parse_budgets, default=dict(BUDGETS), help="per-stage seconds, e.g. train=200")
     p.add_argument("--total-budget", type=float, default=TOTAL_BUDGET, help="seconds for all stages together")
     p.add_argument("--train-seconds", type=int, default=90, help="training time of the real run (trainer.max_time)")
@@ -600,11 +631,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="scratch folder (data, run dir); default a temporary one")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (checkpoints, CSV logs)")
     p.add_argument("--bench-args", default="", help="extra arguments for bench_cuda.py, e.g. '--precisions bf16'")
+    p.add_argument("--means-args", default="", help="extra arguments for bench_cuda.py --means, e.g. "
+                   "'--means-rows base,compile_train'")
     p.add_argument("--probe-env", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.total_budget <= 0 or args.train_seconds < 1:
         p.error("--total-budget and --train-seconds must be > 0")
     args.bench_args = args.bench_args.split()
+    args.means_args = args.means_args.split()
     return args
 
 

@@ -162,3 +162,37 @@ def test_the_summary_of_a_gpu_report():
     assert "| train img/s | bf16 | 128 | 5e+03 | 4e+03 | 1.25 |" in md
     assert "failed tests: tests.test_gpu::test_x" in md
     assert report["summary"]["failed"] == ["pytest"] and not report["summary"]["ok"]
+
+
+def test_means_runs_on_the_cpu_with_tiny_settings_and_writes_its_rows(tmp_path):
+    """bench_cuda.py --means plumbing in process: the selected rows measured, compared with their base rows,
+    the compile row compiled once without graph breaks (backend eager: no inductor build here), flags restored."""
+    import bench_cuda
+
+    out = tmp_path / "means.json"
+    matmul = torch.get_float32_matmul_precision()
+    rc = bench_cuda.main(["--means", "--device", "cpu", "--ch", "8", "--batch", "2", "--warmup", "1",
+                          "--train-steps", "1", "--repeats", "1", "--ddim-steps", "2", "--ddim-repeats", "1",
+                          "--compile-backend", "eager", "--means-rows", "base,foreach_adam,fp32_high,compile_sampling",
+                          "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0, result["errors"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["base", "foreach_adam", "compile_sampling", "fp32_high"]  # MEANS' order
+    assert all(r["status"] == "measured" for r in rows.values()), [r["status"] for r in rows.values()]
+    base, foreach, compiled, high = (rows[k]["measured"] for k in rows)
+    assert base["train_images_per_s"] > 0 and base["ddim_images_per_s"] > 0 and base["channels_last"]
+    assert foreach["optimizer"] == {"fused": False, "foreach": True} and "ddim_images_per_s" not in foreach
+    assert rows["foreach_adam"]["train_vs_base"] > 0 and rows["foreach_adam"]["ddim_vs_base"] is None
+    assert high["flags"]["matmul_precision"] == "high" and rows["fp32_high"]["train_vs_base"] is None  # base not run
+    assert "train_images_per_s" not in compiled and compiled["ddim_compile_s"] >= 0
+    assert compiled["dynamo_graphs"] == 1 and compiled["graph_breaks"] == 0
+    assert torch.get_float32_matmul_precision() == matmul and not torch.backends.cudnn.benchmark
+    assert "| compile_sampling | bf16 |" in result["table"]
+    # gpu_check's means stage reports that JSON
+    report = {"started": "x", "finished": "y", "mode": "gpu", "total_budget_s": 450.0, "elapsed_s": 1.0,
+              "stages": {"bench": {"title": "b", "status": "skipped"}, "train": {"title": "t", "status": "skipped"},
+                         "means": {"title": gpu_check.TITLES["means"], "status": "passed", "results": result}}}
+    md = gpu_check.markdown(report)
+    assert "## each mean on / off (difflab)" in md and "| foreach_adam | bf16 |" in md
+    assert "train/DDIM img/s vs base: foreach_adam " in md
