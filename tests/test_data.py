@@ -151,9 +151,11 @@ def test_bad_arguments_are_named(kwargs: dict, pattern: str):
         configured(DigitsDataModule, **kwargs)
 
 
-def test_batch_larger_than_train_split_fails_in_setup():
-    with pytest.raises(ValueError, match="batch_size=5000"):
-        configured(DigitsDataModule, batch_size=5000).setup("fit")
+def test_batch_larger_than_train_split_becomes_the_whole_split_in_setup():
+    dm = configured(DigitsDataModule, batch_size=5000)
+    with pytest.warns(UserWarning, match=r"train split holds 1617 images .*batch_size=5000.*batch_size=1617"):
+        dm.setup("fit")
+    assert dm.batch_size == dm.device_batch_size == 1617 and len(dm.train_dataloader()) == 1
 
 
 # --- image folder ---------------------------------------------------------------------------
