@@ -12,7 +12,7 @@ ALLOWED = {
     "diffusion": set(),
     "samplers": {"diffusion", "nets"},  # generate() prepares the net (nets.inference) and its Conditioning
     "nets": set(),
-    "metrics": set(),
+    "metrics": {"data"},  # metrics read images in data's formats: its uint8 <-> [-1, 1] formulas, once
     "data": set(),
     "lit": {"diffusion", "samplers", "nets"},
     "callbacks": {"metrics", "samplers", "data", "nets"},

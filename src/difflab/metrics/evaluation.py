@@ -19,7 +19,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 
 from difflab.metrics.generative import GenerativeMetrics
-from difflab.metrics.images import signed_unit_to_uint8
+from difflab.data.transforms import to_uint8  # the one [-1, 1] -> uint8 formula: samples quantised like real images
 
 
 class SamplerLike(Protocol):
@@ -79,7 +79,7 @@ def evaluate_sampler(
         kwargs: dict[str, Any] = {} if precision is None else {"precision": precision}
         if guidance_scale is not None:
             kwargs |= {"labels": [(s - seed) % num_classes for s in seeds], "guidance_scale": guidance_scale}
-        metrics.update_fake(signed_unit_to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs)))
+        metrics.update_fake(to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs)))
     return metrics.compute()
 
 

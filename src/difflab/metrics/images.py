@@ -29,19 +29,6 @@ def to_rgb(images: Tensor) -> Tensor:
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
-def to_signed_unit(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the convention of difflab.data."""
-    return images.float() / 127.5 - 1
-
-
-def signed_unit_to_uint8(x: Tensor) -> Tensor:
-    """float [-1, 1] (a model's samples) -> uint8 [0, 255], values outside clamped; the same rounding as
-    difflab.data.to_uint8, so samples and real images are quantised alike."""
-    if not x.is_floating_point():
-        raise TypeError(f"expected floating point images in [-1, 1], got dtype {x.dtype}")
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def resize(x: Tensor, size: int) -> Tensor:
     """Bilinear resize of float images to (size, size) with antialiasing; no-op when already there."""
     if x.shape[-2:] == (size, size):

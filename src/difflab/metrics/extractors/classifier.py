@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from difflab.metrics.extractors.base import FeatureExtractor
-from difflab.metrics.images import resize, to_signed_unit
+from difflab.data.transforms import to_model_range
+from difflab.metrics.images import resize
 from difflab.metrics.names import check_safe_name
 
 
@@ -43,7 +44,7 @@ class ClassifierExtractor(FeatureExtractor):
                     "only grey -> RGB is converted"
                 )
             images = images.repeat(1, 3, 1, 1)
-        x = to_signed_unit(images)  # (B, C, H, W) in [-1, 1]
+        x = to_model_range(images)  # (B, C, H, W) in [-1, 1]
         return x if self.image_size is None else resize(x, int(self.image_size))
 
     def _features(self, images: Tensor) -> Tensor:
