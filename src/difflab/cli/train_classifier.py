@@ -20,6 +20,7 @@ from difflab.cli.config import config_path, to_container
 from difflab.cli.process_setup import setup_process
 from difflab.lit.checkpoint_io import load_classifier
 from difflab.lit.classifier import ClassifierModule
+from difflab.metrics.build import train_classifier_command
 
 __all__ = ["build_classifier_module", "load_classifier", "main", "train_classifier", "train_command"]
 
@@ -30,9 +31,8 @@ _DEFAULT_NAME = re.compile(r"^(?P<data>[A-Za-z0-9_]+)_(?P<size>\d+)px\.ckpt$")  
 def train_command(path: str | Path) -> str:
     """The command that writes a classifier to `path` (data and size read from a default file name)."""
     match = _DEFAULT_NAME.match(Path(path).name)
-    data, size = (match["data"], match["size"]) if match else ("digits", "8")
-    out_path = Path(path).expanduser().resolve()
-    return f"difflab-train-classifier data={data} data.image_size={size} out_path={out_path}"
+    data, size = (match["data"], int(match["size"])) if match else ("digits", 8)
+    return train_classifier_command(data, size, path)
 
 
 def save_atomic(trainer: pl.Trainer, path: str | Path) -> Path:
