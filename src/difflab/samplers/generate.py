@@ -21,6 +21,7 @@ from difflab.diffusion.sde import NoiseFamily, as_family
 from difflab.nets.conditioning import Conditioning
 from difflab.nets.inference import active_autocast_dtype, autocast_dtype, precision_autocast, sampling_net
 from difflab.samplers.base import Callback, ModelFn, Sampler
+from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 
 Labels = Sequence[int] | Tensor | None
@@ -70,11 +71,10 @@ def labels_tensor(labels: Labels, n: int, num_classes: int | None, device: torch
     return y
 
 
-def check_request(net: nn.Module, family: NoiseFamily, sampler: Sampler, *, model_variance: str,
-                  guidance: Guidance, has_labels: bool) -> None:
+def check_request(family: NoiseFamily, sampler: Sampler, *, model_variance: str, guidance: Guidance,
+                  has_labels: bool) -> None:
     """Everything generate() refuses, checked before any network call."""
-    sampler.validate(family.T)
-    sampler.check_model(family, model_variance)
+    check_sampler_fits(sampler, family, model_variance)
     if guidance.uses_classifier and not sampler.supports_classifier_guidance:
         raise ValueError(f"classifier guidance (classifier_scale={guidance.classifier_scale}) needs a sampler that "
                          f"supports it (ddpm, ddim), not {sampler.name!r}; use classifier-free guidance "
@@ -116,7 +116,7 @@ def generate(
     device = next(net.parameters()).device
     dtype = active_autocast_dtype(device.type) if precision is None else autocast_dtype(precision)
     fam = as_family(family)
-    check_request(net, fam, sampler, model_variance=model_variance, guidance=guidance, has_labels=labels is not None)
+    check_request(fam, sampler, model_variance=model_variance, guidance=guidance, has_labels=labels is not None)
     y = labels_tensor(labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
     cond = None if y is None else Conditioning(labels=y)
     x_T, generators = initial_noise((net.in_channels, net.image_size, net.image_size), seeds, device)
