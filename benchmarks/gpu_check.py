@@ -387,29 +387,23 @@ class Check:
     # -- bench
 
     def stage_bench(self, rec: dict, budget: float) -> None:
-        if not self.cuda:
-            rec.update(status="skipped", reason="no CUDA GPU")
-            return
-        log = self._log("bench")
-        out = self.work / "bench.json"
-        cmd = [self.args.python, str(BENCH_DIR / "bench_cuda.py"), "--json", str(out),
-               "--budget", str(max(10.0, budget - 25.0)), *self.args.bench_args]
-        rc, _, tail = run_logged(cmd, log=log, timeout=budget, env=stage_env(), prefix="[bench] ")
-        rec["results"] = json.loads(out.read_text()) if out.is_file() else {}
-        if self._finish(rec, rc, tail, log, budget):
-            rec["status"] = "passed"
+        self._bench_cuda(rec, budget, "bench", self.work / "bench.json", [*self.args.bench_args], margin=25.0)
 
     # -- means (only when selected)
 
     def stage_means(self, rec: dict, budget: float) -> None:
+        # means.json is rewritten after each row: a run cut short keeps its rows
+        self._bench_cuda(rec, budget, "means", self.out / "means.json", ["--means", *self.args.means_args], margin=30.0)
+
+    def _bench_cuda(self, rec: dict, budget: float, name: str, out: Path, args: list[str], *, margin: float) -> None:
+        """Run benchmarks/bench_cuda.py with `args` inside the stage's budget; its JSON becomes the results."""
         if not self.cuda:
             rec.update(status="skipped", reason="no CUDA GPU")
             return
-        log = self._log("means")
-        out = self.out / "means.json"  # rewritten after each row: a run cut short keeps its rows
-        cmd = [self.args.python, str(BENCH_DIR / "bench_cuda.py"), "--means", "--json", str(out),
-               "--budget", str(max(10.0, budget - 30.0)), *self.args.means_args]
-        rc, _, tail = run_logged(cmd, log=log, timeout=budget, env=stage_env(), prefix="[means] ")
+        log = self._log(name)
+        cmd = [self.args.python, str(BENCH_DIR / "bench_cuda.py"), "--json", str(out),
+               "--budget", str(max(10.0, budget - margin)), *args]
+        rc, _, tail = run_logged(cmd, log=log, timeout=budget, env=stage_env(), prefix=f"[{name}] ")
         rec["results"] = json.loads(out.read_text()) if out.is_file() else {}
         if self._finish(rec, rc, tail, log, budget):
             rec["status"] = "passed"
