@@ -1,5 +1,5 @@
 """Test-only objects that CLI runs load through Hydra `_target_` (the tests put this folder on
-PYTHONPATH): a per-rank weight dump, a self-SIGKILL at a chosen step, a net that turns NaN."""
+PYTHONPATH): a per-rank weight dump, a self-SIGKILL or signal at a chosen step, a net that turns NaN."""
 
 from __future__ import annotations
 
@@ -40,6 +40,18 @@ class KillAtStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Send `signal_name` to this process when the batch of global step `step` starts: it lands inside
+    that step, as SLURM's warning before a preemption may."""
+
+    def __init__(self, *, step: int, signal_name: str = "USR2") -> None:
+        self.step, self.signum = step, signal.Signals[f"SIG{signal_name}"]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
 
 
 class DumpOnException(pl.Callback):

@@ -3,6 +3,7 @@ mismatched checkpoints; the CLI runs as subprocesses with test-only callbacks fr
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import random
@@ -56,36 +57,59 @@ def assert_same_optimizer(a: dict, b: dict) -> None:
             assert torch.equal(v, b["state"][i][k]), f"optimizer state {i}.{k} differs"
 
 
-@pytest.fixture(scope="module")
-def straight_and_resumed(tmp_path_factory) -> dict[str, Path]:
-    """6 steps straight; and 6 steps as: SIGKILL at step 3 (last.ckpt holds step 2) + resume."""
-    root = tmp_path_factory.mktemp("resume")
-    straight, killed = root / "straight", root / "killed"
-    cli("difflab.cli.train", *BASE, "trainer.max_steps=6", f"hydra.run.dir={straight}", cwd=root)
-    kill = ["+callbacks.kill._target_=hydra_test_targets.KillAtStep", "+callbacks.kill.step=3"]
-    proc = cli("difflab.cli.train", *BASE, *kill, "trainer.max_steps=6", f"hydra.run.dir={killed}", cwd=root, check=False)
-    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no clean-up ran
-    assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == 2
-    cli("difflab.cli.train", *BASE, "trainer.max_steps=6", "ckpt_path=last", f"hydra.run.dir={killed}", cwd=root)
-    return {"root": root, "straight": straight, "killed": killed}
+# epochs of 4 steps, flips drawn per (seed, epoch, index), one data worker, a checkpoint after every step
+EXACT = [*(o for o in BASE if not o.startswith("trainer.limit_train_batches")), "trainer.limit_train_batches=4",
+         "data.hflip=true", "data.num_workers=1", "callbacks.checkpoint.every_n_train_steps=1",
+         "callbacks.checkpoint.keep=-1"]
+STEPS = 8
 
 
-def test_kill_and_resume_gives_bitwise_identical_weights(straight_and_resumed):
-    a = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
-    b = load(straight_and_resumed["killed"] / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 6 and a["epoch"] == b["epoch"]
+def csv_rows(run_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """{"train/loss": [(step, value), ...], "val/loss": [...]} in file order."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [(int(r["step"]), r[key]) for r in rows if r.get(key)] for key in ("train/loss", "val/loss")}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Weights, EMA, optimizer, LR schedule, loop counters and every rank's RNG streams agree bit for bit."""
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
     assert any(k.startswith("ema.module.") for k in a["state_dict"])
     assert_same_tensors(a["state_dict"], b["state_dict"], "net + EMA weights")  # net.*, ema.module.*, ema.n_averaged
-    assert int(a["state_dict"]["ema.n_averaged"]) == 6
+    assert int(a["state_dict"]["ema.n_averaged"]) == a["global_step"]
     assert_same_optimizer(a["optimizer_states"][0], b["optimizer_states"][0])
     assert a["lr_schedulers"] == b["lr_schedulers"]
-    # (Lightning's own epoch_progress.processed counter runs one ahead after such a resume; the
-    # data order follows trainer.current_epoch, which agrees: see EpochPermutationSampler)
-    for ra, rb in zip(a["difflab"]["rng"], b["difflab"]["rng"]):  # the RNG streams continue identically
+    for ra, rb in zip(a["difflab"]["rng"], b["difflab"]["rng"], strict=True):
         assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"]
-    # the same validation losses were logged at the same steps (the resumed run logs steps 3..6)
-    val = lambda p: [l.split(",")[-1] for l in (p / "csv" / "metrics.csv").read_text().splitlines() if l.split(",")[-1]]  # noqa: E731
-    assert val(straight_and_resumed["killed"])[-2:] == val(straight_and_resumed["straight"])[-2:]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """STEPS steps in one go, checkpoints/step-<k>.ckpt after each."""
+    root = tmp_path_factory.mktemp("resume")
+    cli("difflab.cli.train", *EXACT, f"trainer.max_steps={STEPS}", f"hydra.run.dir={root / 'straight'}", cwd=root)
+    return root / "straight"
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])  # the first step, the middle and the last step of the first epoch
+def test_resume_from_a_checkpoint_at_any_step_equals_straight_training(straight, tmp_path, k):
+    run = tmp_path / "resumed"
+    cli("difflab.cli.train", *EXACT, f"trainer.max_steps={STEPS}", f"ckpt_path={straight / 'checkpoints' / f'step-{k:07d}.ckpt'}",
+        f"hydra.run.dir={run}", cwd=tmp_path)
+    assert_same_run(load(straight / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"))
+    # the resumed run logged steps k.. with the straight run's numbers and values (no shift, no repeat)
+    a, b = csv_rows(straight), csv_rows(run)
+    assert b["train/loss"] == [r for r in a["train/loss"] if r[0] >= k]
+    assert b["val/loss"] == [r for r in a["val/loss"] if r[0] >= k]
+
+
+def test_a_stopped_run_resumed_in_place_is_exact_and_keeps_its_whole_log(straight, tmp_path):
+    run = tmp_path / "run"  # stopped by max_steps part-way through its first epoch, then continued
+    cli("difflab.cli.train", *EXACT, "trainer.max_steps=3", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    cli("difflab.cli.train", *EXACT, f"trainer.max_steps={STEPS}", "ckpt_path=last", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert_same_run(load(straight / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"))
+    assert csv_rows(run) == csv_rows(straight)  # every step once, the rows before the resume kept
 
 
 def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path):
@@ -135,12 +159,12 @@ def _resume_refused(tmp_path: Path, ckpt: Path, match: str):
     return trainer
 
 
-def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed, tmp_path):
+def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight, tmp_path):
 
     from difflab.lit.checkpoint_io import read_checkpoint  # what difflab-sample and difflab-eval read with
 
     marker = tmp_path / "code_ran"
-    ckpt = load(straight_and_resumed["straight"] / "checkpoints" / "last.ckpt")
+    ckpt = load(straight / "checkpoints" / "last.ckpt")
     ckpt["payload"] = _Exploit(str(marker))  # unpickling it would call Path.touch(marker)
     evil = tmp_path / "last.ckpt"
     torch.save(ckpt, evil)
@@ -151,11 +175,11 @@ def test_resume_refuses_a_checkpoint_carrying_pickled_code(straight_and_resumed,
     assert not marker.exists()
 
 
-def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight_and_resumed, tmp_path):
+def test_truncated_checkpoint_is_refused_by_name_and_left_untouched(straight, tmp_path):
 
     from difflab.lit.checkpoint_io import read_checkpoint
 
-    data = (straight_and_resumed["straight"] / "checkpoints" / "last.ckpt").read_bytes()
+    data = (straight / "checkpoints" / "last.ckpt").read_bytes()
     cut = tmp_path / "checkpoints" / "last.ckpt"
     cut.parent.mkdir()
     cut.write_bytes(data[: len(data) // 2])  # as a kill during a non-atomic copy would leave it
@@ -173,7 +197,7 @@ class _Exploit:
         return (Path.touch, (Path(self.path),))
 
 
-def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and_resumed, tmp_path):
+def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -181,7 +205,7 @@ def test_mismatched_architecture_is_named_on_resume_sample_and_eval(straight_and
     from difflab.cli.config import config_dir, to_container
     from difflab.lit.checkpoint_io import load_run
 
-    path = straight_and_resumed["straight"] / "checkpoints" / "last.ckpt"
+    path = straight / "checkpoints" / "last.ckpt"
     ckpt = load(path)
     GlobalHydra.instance().clear()
     try:

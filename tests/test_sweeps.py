@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from difflab.cli import report
-from difflab.cli.cluster import hand_signal_to_lightning, requeue_signal, run_id, slurm_job_id
+from difflab.cli.cluster import requeue_callbacks, requeue_signal, run_id, slurm_job_id, slurm_plugins
 from difflab.cli.config import config_dir
 from difflab.cli.runs import run_status
 from difflab.cli.train import check_optimized_metric, optimized_value
@@ -193,16 +193,32 @@ def test_run_directory_is_stable_inside_slurm(monkeypatch, tmp_path):
     assert run_id("x") == "x"
 
 
-def test_requeue_signal_is_validated_and_handed_to_lightning(monkeypatch):
+def test_requeue_signal_is_validated_and_handled_at_a_step_boundary(monkeypatch, tmp_path):
     from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from difflab.callbacks import RequeueOnSignal
 
     assert requeue_signal("USR2") == requeue_signal("SIGUSR2") == signal.SIGUSR2
     with pytest.raises(ValueError, match=r"slurm.requeue_signal='KILL' is not supported; choose one of"):
         requeue_signal("KILL")
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    assert requeue_callbacks(auto_requeue=True, signal_name="USR2", run_dir=tmp_path) == []  # not under SLURM
     monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert SLURMEnvironment.detect()
+    (env,) = slurm_plugins(signal_name="USR2")
+    assert not env.auto_requeue  # Lightning's in-handler save is off ...
+    (cb,) = requeue_callbacks(auto_requeue=True, signal_name="USR2", run_dir=tmp_path)  # ... ours replaces it
+    assert isinstance(cb, RequeueOnSignal) and cb.job_id == "42" and cb.signum == signal.SIGUSR2
+    assert requeue_callbacks(auto_requeue=False, signal_name="USR2", run_dir=tmp_path) == []
     previous = signal.signal(signal.SIGUSR2, lambda *_: None)  # what submitit installs in its jobs
     try:
-        hand_signal_to_lightning(SLURMEnvironment(requeue_signal=signal.SIGUSR2))
-        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # Lightning will install its handler
+        cb.setup(None, None, "fit")
+        os.kill(os.getpid(), signal.SIGUSR2)  # only noted: the checkpoint waits for the end of the step
+        assert cb.requested
+        (tmp_path / "hpc_ckpt_1.ckpt").touch()
+        assert cb.hpc_path() == tmp_path / "hpc_ckpt_2.ckpt"
     finally:
         signal.signal(signal.SIGUSR2, previous)

@@ -1,9 +1,11 @@
-"""SLURM: a run directory that survives requeueing, and Lightning's requeue handler on the configured signal.
+"""SLURM: a run directory that survives requeueing, and a checkpoint-and-requeue on the configured signal.
 
-On preemption (or near the time limit) SLURM sends the requeue signal to every task. Lightning's
-SLURMEnvironment handler saves `<default_root_dir>/hpc_ckpt_<n>.ckpt` and runs `scontrol requeue
-<job id>`; the requeued job keeps its job id, so `run_id()` gives it the same run directory, and
-Lightning resumes from the newest hpc_ckpt there when `fit(ckpt_path=None)`.
+On preemption (or near the time limit) SLURM sends the requeue signal to every task. difflab's
+RequeueOnSignal callback (callbacks/checkpoint.py) saves `<run dir>/hpc_ckpt_<n>.ckpt` at the end of
+the current step and runs `scontrol requeue <job id>` (Lightning's own handler, which saves inside
+the signal handler wherever it lands, is switched off: auto_requeue=False on its SLURMEnvironment).
+The requeued job keeps its job id, so `run_id()` gives it the same run directory, and
+`difflab-train` resumes from the newest checkpoint there when `ckpt_path` is null.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
+
+from difflab.callbacks.checkpoint import RequeueOnSignal
 
 log = logging.getLogger("difflab")
 
@@ -42,22 +47,19 @@ def requeue_signal(name: str) -> signal.Signals:
     return signal.Signals[f"SIG{short}"]
 
 
-def slurm_plugins(*, auto_requeue: bool, signal_name: str) -> list[SLURMEnvironment]:
-    """[SLURMEnvironment listening on signal_name] when this process was started by srun, else []."""
-    sig = requeue_signal(signal_name)  # validated everywhere, not only on the cluster
+def slurm_plugins(*, signal_name: str) -> list[SLURMEnvironment]:
+    """[SLURMEnvironment] when this process was started by srun, else []; its own requeue handler off
+    (RequeueOnSignal does that at a step boundary). The signal name is validated everywhere."""
+    sig = requeue_signal(signal_name)
     if not SLURMEnvironment.detect():
         return []
-    return [SLURMEnvironment(auto_requeue=auto_requeue, requeue_signal=sig)]
+    return [SLURMEnvironment(auto_requeue=False, requeue_signal=sig)]
 
 
-def hand_signal_to_lightning(env: SLURMEnvironment) -> None:
-    """Remove an earlier handler of the requeue signal so Lightning installs its own.
-
-    Lightning skips its requeue handler when one is already installed, and submitit installs one
-    for USR2 that requeues without saving a checkpoint; the requeued job would start over.
-    """
-    sig = env.requeue_signal
-    if env.auto_requeue and sig is not None and signal.getsignal(sig) not in (None, signal.SIG_DFL):
-        log.info("SLURM: replacing the existing %s handler %r by Lightning's checkpoint-and-requeue handler",
-                 sig.name, signal.getsignal(sig))
-        signal.signal(sig, signal.SIG_DFL)
+def requeue_callbacks(*, auto_requeue: bool, signal_name: str, run_dir: str | Path) -> list[RequeueOnSignal]:
+    """[RequeueOnSignal] inside a SLURM batch job started by srun with auto_requeue, else []."""
+    sig = requeue_signal(signal_name)
+    job = slurm_job_id()
+    if not (auto_requeue and job and SLURMEnvironment.detect()):
+        return []
+    return [RequeueOnSignal(signal_name=sig.name, job_id=job, run_dir=run_dir)]

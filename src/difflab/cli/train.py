@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from pathlib import Path
 from typing import Mapping
 
 import hydra
 import pytorch_lightning as pl
-from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from difflab.cli.trainer_setup import build_trainer
 
 from difflab.lit.from_config import build_module
-from difflab.cli.cluster import hand_signal_to_lightning
+from difflab.cli.cluster import slurm_job_id
+from difflab.lit.checkpoint_io import checkpoint_step, newest_checkpoint, remove_stale_temporaries
+from difflab.lit.loggers import continue_loggers
 from difflab.cli.config import config_path, to_container
 from difflab.cli.feature_classifier import ensure_feature_classifier
 from difflab.cli.process_setup import setup_process
@@ -32,15 +34,14 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     module = build_module(cfg)
     module.run_config = to_container(cfg)
     prepare_feature_classifier(cfg)  # trained on first use, before the evaluation callback is built
+    ckpt_path, resume_step = resume_point(cfg.ckpt_path, Path(cfg.paths.output_dir))
     trainer = build_trainer(cfg)
-    environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
-    if isinstance(environment, SLURMEnvironment):
-        hand_signal_to_lightning(environment)
     refuse_relaunch_in_multirun(trainer)
     try:
+        continue_loggers(trainer.loggers, resume_step)  # a resumed run appends to its logs
         for logger in trainer.loggers:
             logger.log_hyperparams(module.run_config)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:  # also when a job of a sweep fails: the next job must start its own W&B run
         _finish_wandb(trainer)
         if status is not None:
@@ -48,6 +49,31 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     if trainer.is_global_zero:
         _report(Path(cfg.paths.output_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def resume_point(ckpt_path: str | None, run_dir: Path) -> tuple[str | None, int | None]:
+    """(checkpoint to resume from, its global step). "last": the run directory's newest checkpoint
+    (checkpoints/last.ckpt, periodic step-*.ckpt, best-*.ckpt or a preemption's hpc_ckpt_*.ckpt, by
+    global step); null: none, except inside a SLURM batch job (a requeued job), where it is "last"."""
+    for directory in (run_dir, run_dir / "checkpoints"):  # what saves killed mid-write left behind
+        if directory.is_dir():
+            remove_stale_temporaries(directory)
+    if ckpt_path is None and slurm_job_id() is None:
+        return None, None
+    if ckpt_path in (None, "last"):
+        found = newest_checkpoint(run_dir)
+        if found is None:
+            if ckpt_path == "last":
+                log.warning("ckpt_path=last: %s holds no checkpoint yet; training starts from step 0", run_dir)
+            return None, None
+        log.info("resuming from %s (global step %d)", found[0], found[1])
+        return str(found[0]), found[1]
+    if ckpt_path in ("hpc", "registry") or "://" in str(ckpt_path) or not Path(ckpt_path).is_file():
+        return str(ckpt_path), None  # Lightning's own names, remote files; a missing file: Lightning's error
+    try:
+        return str(ckpt_path), checkpoint_step(ckpt_path)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        return str(ckpt_path), None  # the resume itself refuses it by name (lit.checkpoint_io.safe_load)
 
 
 def prepare_feature_classifier(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from difflab.cli.cluster import slurm_plugins
+from difflab.cli.cluster import requeue_callbacks, slurm_plugins
 from difflab.lit.mixed_precision import BF16_MIXED, FP16_MIXED, BF16MixedPrecision
 
 
@@ -44,15 +44,17 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     loggers = build_list(cfg.get("logger"))
     plugins = [instantiate(p, _convert_="all") for p in cfg.trainer.get("plugins") or []]
     slurm = cfg.get("slurm") or {}
-    plugins += slurm_plugins(auto_requeue=bool(slurm.get("auto_requeue", True)),
-                             signal_name=str(slurm.get("requeue_signal", "USR2")))
+    plugins += slurm_plugins(signal_name=str(slurm.get("requeue_signal", "USR2")))
+    callbacks = build_list(cfg.get("callbacks")) + requeue_callbacks(
+        auto_requeue=bool(slurm.get("auto_requeue", True)), signal_name=str(slurm.get("requeue_signal", "USR2")),
+        run_dir=cfg.trainer.get("default_root_dir") or ".")
     overrides = {}
     precision = cfg.trainer.get("precision")
     check_precision(precision, cfg.trainer.get("gradient_clip_val"), cfg.get("optimizer"))
     if precision in BF16_MIXED:  # Lightning's own plugin would refuse to clip for the fused AdamW
         plugins.append(BF16MixedPrecision(device=autocast_device(cfg.trainer.get("accelerator", "auto"))))
         overrides["precision"] = None
-    return instantiate(cfg.trainer, callbacks=build_list(cfg.get("callbacks")), logger=loggers or False,
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                        plugins=plugins or None, **overrides)
 
 

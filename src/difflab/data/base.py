@@ -12,8 +12,9 @@ The loaders turn that into float32 in [-1, 1] per batch (BatchToModelRange).
 
 `batch_size` is the GLOBAL batch: under a Trainer with world size W (devices x num_nodes) each
 process loads batch_size / W images, and the train order is a permutation drawn from (seed, epoch)
-alone (DistributedSampler), so the images of global batch k are the same for any W and a resumed
-run sees the same order as an uninterrupted one.
+alone (DistributedSampler), so the images of global batch k are the same for any W. Where training is in that order is part of
+its checkpoints (ResumableLoader), and flips are keyed by (seed, epoch, index), so a run resumed
+from any step, even part-way through an epoch, sees the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -60,23 +61,94 @@ def per_device_batch_size(global_batch: int, world_size: int) -> int:
 
 
 class EpochPermutationSampler(DistributedSampler):
-    """DistributedSampler (permutation of (seed, epoch), rank r takes every world_size-th index)
-    whose epoch is read from `epoch_of` when iteration starts, when given.
+    """DistributedSampler's train order (a permutation of (seed, epoch); rank r takes every
+    world_size-th index) that can start part-way through an epoch, and decides each image's
+    horizontal flip from (seed, epoch, index) instead of a global RNG.
 
-    Lightning 2.6 calls set_epoch with its epoch_progress counter, which after resuming step-based
-    training from an end-of-epoch checkpoint is one ahead of trainer.current_epoch: the resumed run
-    would draw another epoch's order. trainer.current_epoch is right in both cases.
+    The epoch is read from `epoch_of` when iteration starts, when given: Lightning 2.6 calls
+    set_epoch with its epoch_progress counter, which after resuming step-based training from an
+    end-of-epoch checkpoint is one ahead of trainer.current_epoch, the right one in both cases.
+    With hflip it yields (index, flip) keys, which FlipKeyedView turns into flipped images: the
+    flips are then the same whatever the worker count, the prefetching, or where a run resumed.
     """
 
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int,
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, hflip: bool = False,
                  epoch_of: Callable[[], int] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.epoch_of = epoch_of
+        self.epoch_of, self.hflip = epoch_of, hflip
+        self._resume: tuple[int, int] | None = None  # (epoch, images of it already seen by all ranks)
 
-    def __iter__(self) -> Iterator[int]:
+    def resume(self, epoch: int, images: int) -> None:
+        """The next iteration, if it is of `epoch`, skips the first `images` images of its global order."""
+        self._resume = (int(epoch), int(images))
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, bool]]:
         if self.epoch_of is not None:
             self.epoch = int(self.epoch_of())
-        return super().__iter__()
+        start = 0
+        if self._resume is not None:
+            epoch, images = self._resume
+            self._resume = None  # once: later epochs start at their beginning
+            if epoch == self.epoch and images < self.total_size:
+                if images % self.num_replicas:
+                    warnings.warn(f"resuming at image {images} of epoch {epoch}, not a multiple of the "
+                                  f"{self.num_replicas} processes: the data order is not exact", stacklevel=2)
+                start = images // self.num_replicas
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
+        order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]
+        mine = order[self.rank: self.total_size: self.num_replicas][start:].tolist()
+        if not self.hflip:
+            return iter(mine)
+        flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist()  # the same stream, after the order
+        return iter([(i, flips[i]) for i in mine])
+
+
+class FlipKeyedView(Dataset):
+    """A dataset read through (index, flip) keys (EpochPermutationSampler with hflip): a batch of
+    __getitems__ comes back with the images whose flag is set flipped left-right."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = [int(k[0]) for k in keys]
+        if getattr(self.dataset, "__getitems__", None) is not None:
+            images, labels = self.dataset.__getitems__(indices)
+        else:  # one (image, label) per item
+            items = [self.dataset[i] for i in indices]
+            images, labels = torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+        flip = torch.tensor([bool(k[1]) for k in keys]).view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(-1), images), labels
+
+
+class ResumableLoader(DataLoader):
+    """The train DataLoader as Lightning checkpoints it (its state_dict / load_state_dict protocol):
+    the state is where the run is in the data order, (epoch, images all ranks have consumed), so a
+    run resumed from a checkpoint taken part-way through an epoch draws the batches the uninterrupted
+    run would have drawn, on any number of processes.
+
+    `progress` (set by the DataModule) gives (epoch, batches this process has trained on in it); it is
+    read from the Trainer's loop counters, not counted here, because the loader runs ahead of training
+    (prefetching, workers).
+    """
+
+    progress: Callable[[], tuple[int, int]] | None = None
+    global_batch_size: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "images"}: the position in the global train order at this moment of training."""
+        if self.progress is None:
+            return {}
+        epoch, batches = self.progress()
+        return {"epoch": int(epoch), "images": int(batches) * self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next iteration where state_dict() was taken (ignored if that epoch is over)."""
+        if state and isinstance(self.sampler, EpochPermutationSampler):
+            self.sampler.resume(state["epoch"], state["images"])
 
 
 def split_indices(n: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -190,21 +262,30 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, train=False)
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
-        # train: a permutation from (shuffle_seed, epoch) only, this rank's strided share of it (Lightning
-        # calls set_epoch); val: left to Lightning (sequential, split over ranks under DDP)
+        # train: a permutation from (shuffle_seed, epoch) only, this rank's strided share of it, flips
+        # keyed by (shuffle_seed, epoch, index), resumable part-way (ResumableLoader); val: left to
+        # Lightning (sequential, split over ranks under DDP)
         trainer = getattr(self, "trainer", None)
         sampler = EpochPermutationSampler(
-            dataset, num_replicas=self._world_size, rank=self._rank, seed=self.shuffle_seed,
+            dataset, num_replicas=self._world_size, rank=self._rank, seed=self.shuffle_seed, hflip=self.hflip,
             epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
         ) if train else None
-        return DataLoader(
-            dataset,
+        loader = (ResumableLoader if train else DataLoader)(
+            FlipKeyedView(dataset) if train and self.hflip else dataset,
             batch_size=self.device_batch_size,
             sampler=sampler,
             shuffle=False,
             drop_last=train,
-            collate_fn=BatchToModelRange(hflip=self.hflip and train),
+            collate_fn=BatchToModelRange(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # every new iterator draws its workers' base seed from this generator, not from the global RNG
+            # (which training's noise comes from): when Lightning creates an iterator cannot change training
+            generator=torch.Generator().manual_seed(self.shuffle_seed + int(not train)),
         )
+        if train:
+            loader.global_batch_size = self.batch_size
+            if trainer is not None:
+                loader.progress = lambda: (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return loader

@@ -62,22 +62,12 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image of (B, C, H, W) left-right with probability 1/2 (global torch RNG)."""
-    flip = torch.rand(x.shape[0]) < 0.5  # (B,)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
 class BatchToModelRange:
-    """collate_fn: (uint8 (B, C, H, W), int64 (B,)) -> (float32 in [-1, 1], int64), optional flip.
+    """collate_fn: (uint8 (B, C, H, W), int64 (B,)) -> (float32 in [-1, 1], int64).
 
-    Flips use the global torch RNG, which Lightning's seed_everything seeds in the main process
-    and the DataLoader seeds per worker; a generator object here would be copied identically
-    into every worker and repeat the same flips.
+    Random flips are not drawn here (a global RNG draw in a collate_fn depends on prefetching and
+    worker seeding): the train sampler decides them from (seed, epoch, index), see data/base.py.
     """
-
-    def __init__(self, *, hflip: bool) -> None:
-        self.hflip = hflip
 
     def __call__(
         self, batch: tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, int]]
@@ -85,6 +75,4 @@ class BatchToModelRange:
         if isinstance(batch, list):  # a dataset without __getitems__: one (image, label) per item
             batch = torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
         images, labels = batch
-        if self.hflip:
-            images = random_hflip(images)
         return to_model_range(images), labels

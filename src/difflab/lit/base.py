@@ -98,6 +98,14 @@ class TrainingModule(pl.LightningModule):
         # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
         self.ema.update_parameters(self.net)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the step loggers write is Lightning's _batches_that_stepped, which after a resume Lightning 2.6
+        # restores one off or not depending on where the checkpoint was taken; it counts optimizer
+        # steps, as global_step does (one optimizer), so it is set from global_step before each batch
+        loop = self.trainer.fit_loop.epoch_loop
+        if getattr(loop, "_batches_that_stepped", None) is not None:
+            loop._batches_that_stepped = self.trainer.global_step
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.net.parameters())
         warmup = self.lr_warmup_steps
@@ -127,6 +135,9 @@ class TrainingModule(pl.LightningModule):
             "rng": resume.gather_rng_states(),  # one entry per rank (a collective: every rank saves)
             **self.checkpoint_state(),
         }
+        if self._trainer is not None:  # the rows logged so far reach disk with the checkpoint (a kill loses none)
+            for logger in self.trainer.loggers:
+                logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("difflab") or {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -82,12 +83,69 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote filesystems: keep Lightning's behaviour
             return super().save_checkpoint(checkpoint, path, storage_options)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = target.with_name(f"{TMP_PREFIX}{target.name}.tmp-{os.getpid()}")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            with tmp.open("rb") as f:  # on disk before the rename: a node crash leaves the old file or the new
+                os.fsync(f.fileno())
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+TMP_PREFIX = "."  # AtomicCheckpointIO's temporary files: .<name>.tmp-<pid>, never a resume candidate
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves whose process is gone (a SIGKILL during a save leaves one)."""
+    removed = []
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def resume_candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint a run directory holds: checkpoints/*.ckpt (last, periodic step-*, best-*) and the
+    hpc_ckpt_*.ckpt a SLURM preemption leaves in the run directory itself."""
+    run_dir = Path(run_dir)
+    files = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(f for f in files if f.is_file() and not f.name.startswith(TMP_PREFIX))
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step a checkpoint was taken at, read without loading its tensors (memory-mapped)."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, int] | None:
+    """(path, global step) of the run directory's checkpoint with the highest global step, the most
+    recently written among equals; None when it holds none. What `ckpt_path=last` resumes from."""
+    best: tuple[int, float, Path] | None = None
+    for path in resume_candidates(run_dir):
+        try:
+            step = checkpoint_step(path)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # not written by difflab's atomic save
+            warnings.warn(f"ignoring {path} as a resume candidate: it does not load ({str(err).splitlines()[0]})",
+                          stacklevel=2)
+            continue
+        key = (step, path.stat().st_mtime, path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else (best[2], best[0])
 
 
 # what difflab.kind says in a checkpoint; training runs written before kinds existed have none
