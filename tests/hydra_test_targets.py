@@ -1,5 +1,5 @@
 """Test-only objects that CLI runs load through Hydra `_target_` (the tests put this folder on
-PYTHONPATH): a per-rank weight dump, a self-SIGKILL or signal at a chosen step, a net that turns NaN."""
+PYTHONPATH): a per-rank weight dump, a signal at a chosen step, a net that turns NaN."""
 
 from __future__ import annotations
 
@@ -28,18 +28,6 @@ class RankWeights(pl.Callback):
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"state_dict": state, "world_size": trainer.world_size, "step": trainer.global_step,
                     "batch_sizes": self.batch_sizes}, self.out_dir / f"rank{trainer.global_rank}.pt")
-
-
-class KillAtStep(pl.Callback):
-    """SIGKILL this training process when the batch of global step `step` starts (after the
-    checkpoints of earlier epochs were written): a hard crash with no chance to clean up."""
-
-    def __init__(self, *, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SignalAtStep(pl.Callback):

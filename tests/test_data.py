@@ -482,3 +482,61 @@ def test_a_few_own_images_train_as_one_batch_with_a_warning(class_folder: Path):
     x, y = first_batch(dm.train_dataloader())
     assert_model_batch(x, y, b=5, c=3, s=8)
     assert len(dm.train_dataloader()) == 1
+
+
+def _ranks(dm_factory, world_size: int) -> list[ImageDataModule]:
+    """world_size DataModules set up as ranks of a Trainer would be (no Trainer: epoch 0)."""
+    modules = []
+    for rank in range(world_size):
+        dm = dm_factory()
+        dm.trainer = types.SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=0)
+        dm.setup("fit")
+        dm.trainer = None  # the loader then reads the epoch from the sampler (set_epoch)
+        modules.append(dm)
+    return modules
+
+
+def _epoch_batches(dm: ImageDataModule, epoch: int, resume: dict | None = None) -> list[torch.Tensor]:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    if resume is not None:
+        loader.load_state_dict(resume)
+    return [x for x, _ in loader]
+
+
+def test_train_order_and_flips_resume_mid_epoch_on_any_world_size():
+    def digits():
+        return configured(DigitsDataModule, image_size=8, batch_size=16, val_fraction=0.1, hflip=True,
+                          num_workers=0, seed=3)
+
+    (single,) = _ranks(digits, 1)
+    full = _epoch_batches(single, epoch=2)  # global batches of epoch 2 in one process
+    assert len(full) == len(single.train_dataset) // 16
+    # flips are drawn per (seed, epoch, index): another epoch flips other images, the same epoch the same
+    assert not all(torch.equal(a, b) for a, b in zip(full, _epoch_batches(single, epoch=3)))
+    assert all(torch.equal(a, b) for a, b in zip(full, _epoch_batches(single, epoch=2)))
+    assert not all(torch.equal(a, b.flip(-1)) for a, b in zip(full, full))
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert all(torch.equal(a, b) for a, b in zip(full, _epoch_batches(single, epoch=2)))
+    for world_size in (1, 2):
+        ranks = _ranks(digits, world_size)
+        for k in (0, 1, 5):  # resume after k global batches of epoch 2 (as written by ResumableLoader.state_dict)
+            state = {"epoch": 2, "images": 16 * k}
+            parts = [_epoch_batches(dm, epoch=2, resume=state) for dm in ranks]
+            # global batch j: the ranks' j-th batches interleaved (rank r holds positions r, r + W, ...)
+            glued = [torch.stack([p[j] for p in parts], 1).flatten(0, 1) for j in range(len(parts[0]))]
+            assert len(glued) == len(full) - k
+            assert all(torch.equal(a, b) for a, b in zip(glued, full[k:])), (world_size, k)
+        # a state of another epoch (the checkpoint was taken as that epoch ended) starts at the beginning
+        assert len(_epoch_batches(ranks[0], epoch=2, resume={"epoch": 1, "images": 32})) == len(full)
+
+
+def test_resumable_loader_state_is_the_trainers_progress():
+    from difflab.data.base import ResumableLoader
+
+    dm = configured(DigitsDataModule, image_size=8, batch_size=16, val_fraction=0.1, hflip=False,
+                    num_workers=0, seed=0)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableLoader) and loader.state_dict() == {}  # outside a Trainer
+    loader.progress = lambda: (4, 3)  # epoch 4, 3 batches trained on (the loader itself may have run ahead)
+    assert loader.state_dict() == {"epoch": 4, "images": 48}

@@ -17,7 +17,7 @@ from PIL import Image
 from difflab.cli.trainer_setup import build_trainer
 from difflab.cli.config import config_dir
 from difflab.data.base import per_device_batch_size
-from test_resume import cli, load
+from test_resume import assert_same_run, cli, load
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +49,23 @@ def ddp_run(tmp_path_factory) -> dict[str, Path]:
         "callbacks.evaluation.metrics.extractor=classifier", f"paths.cache_dir={root / 'cache'}",
         "callbacks.evaluation.every_n_steps=2", "callbacks.evaluation.num_samples=10", "callbacks.evaluation.batch_size=4",
         "callbacks.evaluation.samplers.ddim.steps=3", "+callbacks.evaluation.reference_images=64",
-        "+callbacks.probe._target_=hydra_test_targets.RankWeights", f"+callbacks.probe.out_dir={probe}",
-        f"hydra.run.dir={run_dir}",
+        "data.hflip=true", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.keep=-1",
+        "+callbacks.probe._target_=hydra_test_targets.RankWeights",
     ]
-    proc = cli("difflab.cli.train", *args, cwd=root)
-    return {"root": root, "run": run_dir, "probe": probe, "stdout": proc.stdout, "stderr": proc.stderr}
+    proc = cli("difflab.cli.train", *args, f"+callbacks.probe.out_dir={probe}", f"hydra.run.dir={run_dir}", cwd=root)
+    return {"root": root, "run": run_dir, "probe": probe, "stdout": proc.stdout, "stderr": proc.stderr, "args": args}
 
 
 def test_ddp_run_shares_one_directory_and_writes_everything_once(ddp_run):
     root, run = ddp_run["root"], ddp_run["run"]
-    assert sorted(p.name for p in root.iterdir()) == ["cache", "clf.ckpt", "probe", "run"]  # no second run dir
+    assert {"cache", "clf.ckpt", "probe", "run"} <= {p.name for p in root.iterdir()}
+    assert not [p for p in root.iterdir() if p.name not in ("cache", "clf.ckpt", "probe", "run", "resumed", "probe-resumed")]
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_ddp_process_1.log"]
     assert "run directory" not in (run / "train_ddp_process_1.log").read_text()  # rank zero reports
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-0000004.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best-0000004.ckpt", "last.ckpt", *(f"step-{k:07d}.ckpt" for k in range(1, 5))]
     ckpt = load(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["difflab"]["config"]["trainer"]["devices"] == 2
     rng = ckpt["difflab"]["rng"]  # one RNG state per rank, and the ranks draw different streams
@@ -86,6 +88,18 @@ def test_ddp_ranks_hold_identical_weights_and_split_the_global_batch(ddp_run):
     for k, v in r0["state_dict"].items():
         assert torch.equal(v, r1["state_dict"][k]), f"{k} differs between ranks"
         assert torch.equal(v, ckpt[k]), f"{k} differs from the checkpoint"
+
+
+def test_ddp_resume_from_mid_epoch_equals_straight_training(ddp_run):
+    """Both ranks resume part-way through an epoch (step 1 of 2): each draws its own share of the same
+    global batches, flips and RNG streams, so weights, EMA, optimizer and the evaluations agree bit for bit."""
+    root, run, resumed = ddp_run["root"], ddp_run["run"], ddp_run["root"] / "resumed"
+    cli("difflab.cli.train", *ddp_run["args"], f"+callbacks.probe.out_dir={root / 'probe-resumed'}",
+        f"ckpt_path={run / 'checkpoints' / 'step-0000001.ckpt'}", f"hydra.run.dir={resumed}", cwd=root)
+    assert_same_run(load(run / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt"))
+    metrics = lambda d: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                         for r in json.loads((d / "eval" / "metrics.json").read_text())["results"]]
+    assert metrics(resumed) == metrics(run)
 
 
 def test_sample_from_the_ddp_checkpoint_matches_the_gathered_grid(ddp_run, tmp_path):

@@ -110,6 +110,10 @@ def test_a_stopped_run_resumed_in_place_is_exact_and_keeps_its_whole_log(straigh
     cli("difflab.cli.train", *EXACT, f"trainer.max_steps={STEPS}", "ckpt_path=last", f"hydra.run.dir={run}", cwd=tmp_path)
     assert_same_run(load(straight / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"))
     assert csv_rows(run) == csv_rows(straight)  # every step once, the rows before the resume kept
+    from difflab.cli.runs import read_run  # difflab-report: the best values over the whole run
+
+    report, reference = read_run(run, tmp_path), read_run(straight, straight.parent)
+    assert report.best == reference.best
 
 
 def test_non_finite_loss_stops_and_leaves_checkpoint_and_ema_untouched(tmp_path):
