@@ -56,7 +56,8 @@ def straight(tmp_path_factory) -> Path:
 
 
 def test_preemption_signal_mid_epoch_checkpoints_requeues_and_resumes_exactly(straight, tmp_path):
-    args = [a for a in EXACT if not a.startswith("callbacks.checkpoint")]  # no periodic checkpoints
+    # no periodic checkpoints; W&B (offline), CSV and TensorBoard
+    args = [a for a in EXACT if not a.startswith(("callbacks.checkpoint", "logger="))] + ["logger=many"]
     signal_at = ["+callbacks.signal._target_=hydra_test_targets.SignalAtStep", "+callbacks.signal.step=5"]
     cmd = [sys.executable, "-m", "difflab.cli.train", *args, *signal_at, f"trainer.max_steps={STEPS}"]  # no hydra.run.dir
     env = slurm_env(tmp_path)
@@ -81,6 +82,10 @@ def test_preemption_signal_mid_epoch_checkpoints_requeues_and_resumes_exactly(st
     assert_same_run(load(straight / "checkpoints" / "last.ckpt"), load(run_dir / "checkpoints" / "last.ckpt"))
     assert csv_rows(run_dir) == csv_rows(straight)  # one CSV: every step once, the same losses
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB_ID]  # no second requeue
+    # the requeued job continued the same W&B run (offline: a second folder with the same run id)
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb" / "difflab_run_id").read_text().strip()
+    assert len(runs) == 2 and all(p.name.split("-")[-1] == run_id or p.name.split("-")[-2] == run_id for p in runs), runs
 
 
 def newest_step(run_dir: Path) -> int:
