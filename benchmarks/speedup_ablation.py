@@ -3,7 +3,8 @@
     python benchmarks/speedup_ablation.py --net cifar --batch 8 --repeats 5
     python benchmarks/speedup_ablation.py --net digits --batch 64 --repeats 7
     python benchmarks/speedup_ablation.py --net cifar --precision bf16     # under CPU bf16 autocast
-    python benchmarks/speedup_ablation.py --net cifar --compile            # also everything under torch.compile
+    python benchmarks/speedup_ablation.py --net cifar --compile            # also under torch.compile: with the
+                                                                           # C GroupNorm kernel, and with inductor's
 
 Variants: channels_last (NHWC weights and activations), the fused Adam(W) kernel, the
 residual blocks' dropout mask (difflab's integer-draw mask against torch's ``nn.Dropout``) and
@@ -100,6 +101,9 @@ def main() -> None:
     if args.compile:  # module.compile=true: the training network compiled in place (CPU inductor here)
         systems["all+torch.compile"] = build(args.net, *VARIANTS["cl+fused+dropout+gn"])
         systems["all+torch.compile"][0].compile()
+        # inductor's own fused GroupNorm + SiLU (+ dropout) code in place of the hand-written C kernel
+        systems["cl+fused+dropout+compile"] = build(args.net, *VARIANTS["cl+fused+dropout"])
+        systems["cl+fused+dropout+compile"][0].compile()
     for model, opt in systems.values():  # warm-up (allocations, optimizer state)
         train_s(model, opt, x, t, args.precision), forward_s(model, x, t, args.precision)
     times = {name: {"train": [], "forward": []} for name in systems}
