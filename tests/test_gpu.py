@@ -295,3 +295,77 @@ def test_compiled_training_step_runs_on_cuda_with_the_eager_keys():
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3), losses
     rel = ((grads["compiled"] - grads["eager"]).norm() / grads["eager"].norm()).item()
     assert rel < 1e-3, f"compiled vs eager gradients differ by {rel:.2e} (relative L2)"
+
+
+# ------------------------------------------------------------------------------ (vii) exact resume on CUDA
+
+
+def train_digits(run_dir, *, steps: int, ckpt_path=None) -> DiffusionModule:
+    """`steps` steps on digits (epochs of 4, flips, dropout) with a checkpoint after every step, as
+    difflab-train runs it (seeded, atomic checkpoints, the DataModule's resumable loader)."""
+    from difflab.callbacks import PeriodicCheckpoint
+    from difflab.data import DigitsDataModule
+    from difflab.lit.checkpoint_io import AtomicCheckpointIO
+
+    pl.seed_everything(0, workers=True)
+    data = DigitsDataModule(image_size=8, channels=1, batch_size=16, num_workers=0, val_fraction=0.1, seed=0,
+                            hflip=True)
+    net = UNet(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+    module = DiffusionModule(net=net, betas=linear_betas(1000), lr_warmup_steps=2, ema_decay=0.9,
+                             optimizer=functools.partial(Adam, lr=1e-3, fused=True))
+    trainer = pl.Trainer(accelerator="gpu" if ON_CUDA else "cpu", devices=1, max_steps=steps, logger=False,
+                         callbacks=[PeriodicCheckpoint(dirpath=str(run_dir), every_n_train_steps=1, keep=-1)],
+                         plugins=[AtomicCheckpointIO()], limit_train_batches=4, limit_val_batches=0,
+                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                         deterministic="warn", gradient_clip_val=1.0)  # warn: an op without a
+    try:                                                # deterministic CUDA kernel shows as a difference
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:  # Lightning set it process-wide
+        torch.use_deterministic_algorithms(False)
+    return module
+
+
+def test_resume_on_cuda_from_mid_epoch_equals_straight_training(tmp_path):
+    """Checkpoint at step 3 (the last batch of epoch 1 is 4): weights, EMA and optimizer state of the
+    resumed run equal the straight run's bit for bit (deterministic algorithms where CUDA has them)."""
+    straight = train_digits(tmp_path / "straight", steps=6)
+    resumed = train_digits(tmp_path / "resumed", steps=6, ckpt_path=tmp_path / "straight" / "step-0000003.ckpt")
+    a, b = safe_load(tmp_path / "straight" / "step-0000006.ckpt"), safe_load(tmp_path / "resumed" / "step-0000006.ckpt")
+    assert a["global_step"] == b["global_step"] == 6
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), f"{k}: max |diff| {(v.float() - b['state_dict'][k].float()).abs().max()}"
+    for i, state in a["optimizer_states"][0]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer_states"][0]["state"][i][k]), f"optimizer state {i}.{k}"
+    assert int(straight.ema.n_averaged) == int(resumed.ema.n_averaged) == 6
+
+
+# ---------------------------------------------------------------------- (viii) evaluation on CUDA vs CPU
+
+
+def test_fid_on_cuda_equals_fid_on_cpu_for_the_same_images():
+    """The metrics engine (features, moments, FID/KID/precision-recall) on CUDA, against itself on the CPU."""
+    from sklearn.datasets import load_digits
+
+    from difflab.metrics import GenerativeMetrics
+    from difflab.metrics.extractors.classifier import ClassifierExtractor
+    from difflab.metrics.reference import ReferenceStats
+    from difflab.nets.classifiers import ImageClassifier
+
+    digits = torch.from_numpy(load_digits().images).float().mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    real, fake = digits[:600], digits[600:1000].flip(-1)  # "generated": other digits, mirrored
+    scores = {}
+    for device in ("cpu", DEVICE):
+        torch.manual_seed(0)
+        extractor = ClassifierExtractor(net=ImageClassifier(image_size=8, in_channels=1, num_classes=10, ch=8,
+                                                            feature_dim=16, dropout=0.0), name="tiny").to(device)
+        reference = ReferenceStats.from_batches(real.to(device).split(100), extractor, num_images=len(real))
+        gm = GenerativeMetrics(extractor=extractor, metrics=("fid", "kid", "precision_recall"), kid_subsets=10).to(device)
+        gm.set_reference(reference)
+        for batch in fake.to(device).split(100):
+            gm.update_fake(batch)
+        scores[device] = gm.compute()
+    cpu, dev = scores["cpu"], scores[DEVICE]
+    assert cpu.keys() == dev.keys() and cpu["fid"] > 0
+    for k in cpu:
+        assert dev[k] == pytest.approx(cpu[k], rel=1e-4, abs=1e-6), (k, cpu[k], dev[k])
