@@ -34,6 +34,17 @@ def tiny_module(**kwargs) -> DiffusionModule:
 def test_compile_flag_keeps_checkpoint_keys():
     # torch.compile wraps the net in place (compiled lazily at the first call): no duplicate _orig_mod keys
     assert tiny_module(compile=True).state_dict().keys() == tiny_module().state_dict().keys()
+    # so a checkpoint of a compiled run resumes without compile, and the reverse (what Lightning's resume calls)
+    for source, target in ((tiny_module(compile=True), tiny_module()), (tiny_module(), tiny_module(compile=True))):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for param in source.net.parameters():
+                param.add_(torch.randn_like(param))
+        checkpoint = {"state_dict": source.state_dict()}
+        source.on_save_checkpoint(checkpoint)
+        target.on_load_checkpoint(checkpoint)  # difflab's architecture check
+        target.load_state_dict(checkpoint["state_dict"])  # strict
+        assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
 
 
 def test_non_finite_loss_raises_on_cpu():

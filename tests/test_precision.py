@@ -6,7 +6,7 @@ import pytest
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from difflab.cli.trainer_setup import autocast_device, check_precision
+from difflab.cli.trainer_setup import autocast_device, check_precision, check_precision_fits_device
 from difflab.lit.mixed_precision import BF16MixedPrecision
 
 
@@ -48,6 +48,14 @@ def test_fp16_with_fused_optimizer_and_clipping_fails_clearly():
     check_precision("16-mixed", None, {"fused": True})  # no clipping: fine
     check_precision("16-mixed", 1.0, {"fused": False})
     check_precision("bf16-mixed", 1.0, {"fused": True})
+
+
+def test_fp16_training_on_a_cpu_is_refused_by_name():
+    for accelerator in ("cpu", *(("auto",) if not torch.cuda.is_available() else ())):
+        with pytest.raises(ValueError, match=rf"trainer.precision=16-mixed trains on the CPU here \(trainer.accelerator={accelerator}.*bf16-mixed"):
+            check_precision_fits_device("16-mixed", accelerator)
+    check_precision_fits_device("bf16-mixed", "cpu")
+    check_precision_fits_device("16-mixed", "gpu")  # a GPU precision (a missing GPU is check_gpus' message)
 
 
 def test_autocast_device_follows_the_accelerator():

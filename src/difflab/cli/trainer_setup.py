@@ -51,6 +51,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     overrides = {}
     precision = cfg.trainer.get("precision")
     check_precision(precision, cfg.trainer.get("gradient_clip_val"), cfg.get("optimizer"))
+    check_precision_fits_device(precision, str(cfg.trainer.get("accelerator", "auto")))
     if precision in BF16_MIXED:  # Lightning's own plugin would refuse to clip for the fused AdamW
         plugins.append(BF16MixedPrecision(device=autocast_device(cfg.trainer.get("accelerator", "auto"))))
         overrides["precision"] = None
@@ -65,6 +66,16 @@ def autocast_device(accelerator: str) -> str:
     if accelerator == "auto" and torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def check_precision_fits_device(precision: str | int | None, accelerator: str) -> None:
+    """16-mixed (float16 autocast + loss scaling) is a GPU precision: refuse it for CPU training."""
+    if precision in FP16_MIXED and autocast_device(accelerator) == "cpu":
+        raise ValueError(
+            f"trainer.precision={precision} trains on the CPU here (trainer.accelerator={accelerator}, no CUDA "
+            "GPU visible); float16 autocast with loss scaling is a GPU precision. On a CPU use "
+            "trainer.precision=bf16-mixed (fast with AMX / AVX512-BF16) or 32-true; on a GPU machine trainer=gpu"
+        )
 
 
 def check_precision(precision: str | int | None, gradient_clip_val: float | None, optimizer_cfg: Any) -> None:
