@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily
 from difflab.lit import resume
+from difflab.nets.first_stage import FirstStage, latent_moments
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.generate import Guidance, generate
@@ -51,6 +52,16 @@ class EMADecay:
             torch._foreach_copy_(ema, current)
 
 
+def check_latent_shape(net: nn.Module, latent_shape: tuple[int, int, int]) -> None:
+    """The network must take the first stage's latents: in_channels = C and image_size = h = w."""
+    c, h, w = latent_shape
+    got = (getattr(net, "in_channels", c), getattr(net, "image_size", h))
+    if got != (c, h) or h != w:
+        raise ValueError(f"the first stage encodes images to latents of shape {latent_shape} (C, h, w), but the "
+                         f"network takes in_channels={got[0]}, image_size={got[1]}; leave model.in_channels and "
+                         "model.image_size to the first stage (difflab-train derives them)")
+
+
 class TrainingModule(pl.LightningModule):
     """Net, its EMA copy, optimizer + linear LR warm-up, exact resume; subclasses add objective and sampling."""
 
@@ -63,6 +74,7 @@ class TrainingModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         compile: bool = False,
+        first_stage: FirstStage | None = None,
     ) -> None:
         super().__init__()
         if lr_warmup_steps < 0:
@@ -75,6 +87,10 @@ class TrainingModule(pl.LightningModule):
         self.ema_decay = ema_decay
         if compile:  # in place: state_dict keys stay net.*; the EMA copy (made above) samples eagerly
             net.compile()
+        # latent diffusion: the frozen autoencoder (its weights and latent scale travel in the checkpoint)
+        self.first_stage = first_stage
+        if first_stage is not None:
+            check_latent_shape(net, first_stage.latent_shape)
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
         self._resumed_rng: list[dict] | None = None  # per-rank RNG states of the checkpoint being resumed
 
@@ -98,7 +114,27 @@ class TrainingModule(pl.LightningModule):
         # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
         self.ema.update_parameters(self.net)
 
+    def to_latent(self, x: Tensor) -> Tensor:
+        """What the diffusion model is trained on: x itself, or z = s * E(x) for a latent diffusion model."""
+        return x if self.first_stage is None else self.first_stage.encode(x)
+
+    def to_latent_fixed(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """to_latent with the posterior sample drawn from `generator` (validation: comparable across evaluations)."""
+        return x if self.first_stage is None else self.first_stage.encode(x, generator)
+
+    def _scale_by_std(self, x: Tensor) -> None:
+        """Set the first stage's latent scale to 1 / std of the latents of this batch, over all ranks (LDM's
+        scale_by_std, once, at the first training batch of a run whose scale is not fixed)."""
+        count, total, total_sq = latent_moments(self.first_stage.encode_unscaled(x))
+        stats = torch.stack([count, total, total_sq])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        scale = self.first_stage.set_scale_from(*stats)
+        self.print(f"scale_by_std: first_stage.scale_factor = {scale:.6g}")
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.first_stage is not None and not self.first_stage.scale_known:
+            self._scale_by_std(batch[0])
         # the step loggers write is Lightning's _batches_that_stepped, which after a resume Lightning 2.6
         # restores one off or not depending on where the checkpoint was taken; it counts optimizer
         # steps, as global_step does (one optimizer), so it is set from global_step before each batch
@@ -205,12 +241,16 @@ class TrainingModule(pl.LightningModule):
         train/eval mode back whatever happens, a refused call included.
         """
         guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
+        if classifier is not None and self.first_stage is not None:
+            raise ValueError("classifier guidance needs a noise-aware classifier of this model's latents; difflab's "
+                             "are trained on pixels: use classifier-free guidance (guidance_scale) on a latent model")
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
         try:
             return generate(net, self.schedule, sampler, seeds, parameterization=self.parameterization,
                             model_variance=self.model_variance, labels=labels, guidance=guidance,
-                            precision=precision, callback=callback)
+                            precision=precision, callback=callback,
+                            decoder=None if self.first_stage is None else self.first_stage.decode)
         finally:
             net.train(was_training)

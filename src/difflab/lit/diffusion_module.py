@@ -15,6 +15,7 @@ from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import ImportanceTimesteps, UniformTimesteps
 from difflab.diffusion.variance import LearnedVariance
 from difflab.lit.base import EMADecay, OptimizerFactory, TrainingModule
+from difflab.nets.first_stage import FirstStage
 from difflab.nets.conditioning import Conditioning
 
 Objective = SimpleLoss | HybridLoss | VLBLoss
@@ -38,9 +39,10 @@ class DiffusionModule(TrainingModule):
         compile: bool = False,
         label_dropout: float = 0.1,
         offset_noise: float = 0.0,
+        first_stage: FirstStage | None = None,
     ) -> None:
         super().__init__(net=net, optimizer=optimizer, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, compile=compile)
+                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout={label_dropout!r} must be in [0, 1) (0.1 in Ho & Salimans 2022)")
         if not offset_noise >= 0.0:
@@ -107,7 +109,7 @@ class DiffusionModule(TrainingModule):
         return raw * weights
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        t, raw, weights = self._losses(batch[0], batch[1] if len(batch) > 1 else None, None)
+        t, raw, weights = self._losses(self.to_latent(batch[0]), batch[1] if len(batch) > 1 else None, None)
         loss = (raw * weights).mean()
         self.check_finite(loss, batch_idx)
         if hasattr(self.timestep_sampler, "update"):  # importance sampling learns from every rank's losses
@@ -120,10 +122,11 @@ class DiffusionModule(TrainingModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # fixed noise and timesteps per batch so val/loss is comparable across evaluations
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        t = torch.randint(0, self.schedule.T, (batch[0].shape[0],), device=self.device, generator=generator)
-        eps = randn_like(batch[0], generator)
-        model_fn = self._train_model_fn(self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], generator))
-        loss = self.objective(model_fn, batch[0], t, eps, self.schedule).mean()  # uniform t, unweighted
+        x0 = self.to_latent_fixed(batch[0], generator)
+        t = torch.randint(0, self.schedule.T, (x0.shape[0],), device=self.device, generator=generator)
+        eps = randn_like(x0, generator)
+        model_fn = self._train_model_fn(self._train_labels(batch[1] if len(batch) > 1 else None, x0.shape[0], generator))
+        loss = self.objective(model_fn, x0, t, eps, self.schedule).mean()  # uniform t, unweighted
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss
 

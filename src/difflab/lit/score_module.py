@@ -11,6 +11,7 @@ from difflab.diffusion.process import randn_like
 from difflab.diffusion.score_objectives import DenoisingScoreMatching, Weighting, sample_times
 from difflab.diffusion.sde import NoiseFamily
 from difflab.lit.base import OptimizerFactory, TrainingModule
+from difflab.nets.first_stage import FirstStage
 
 
 class ScoreModule(TrainingModule):
@@ -27,9 +28,10 @@ class ScoreModule(TrainingModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         compile: bool = False,
+        first_stage: FirstStage | None = None,
     ) -> None:
         super().__init__(net=net, optimizer=optimizer, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, compile=compile)
+                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage)
         self.sde = sde
         self.objective = DenoisingScoreMatching(weighting=weighting)
 
@@ -58,14 +60,14 @@ class ScoreModule(TrainingModule):
         return self.objective(self.net, x0, t, randn_like(x0, generator), self.sde)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch[0]).mean()
+        loss = self.loss(self.to_latent(batch[0])).mean()
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        loss = self.loss(batch[0], generator=generator).mean()
+        loss = self.loss(self.to_latent_fixed(batch[0], generator), generator=generator).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         return loss
 

@@ -11,7 +11,7 @@ classifier-free guidance, the mean channels of a learned-variance net for sample
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -106,8 +106,12 @@ def generate(
     guidance: Guidance = Guidance(),
     precision: str | int | None = None,
     callback: Callback = None,
+    decoder: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Images in [-1, 1], (len(seeds), C, H, W), from `net` (in eval mode) under `family`, sampled with `sampler`.
+
+    A latent diffusion model samples latents and passes them through `decoder` (its first stage's
+    decode, run under the same precision), so the result is in pixel space either way.
 
     labels (one per seed, or one for all) condition a class-conditional net (guidance.scale is the
     classifier-free w) or steer a noise-aware guidance.classifier; precision bf16-mixed / 16-mixed
@@ -129,8 +133,9 @@ def generate(
             model_fn = _mean_channels(model_fn, net.in_channels)
         if guidance.uses_classifier:
             extra["cond_fn"] = classifier_grad(guidance.classifier, y, scale=guidance.classifier_scale)
-        return sampler(model_fn, x_T, family, parameterization=parameterization, generator=generators,
-                       callback=callback, **extra)
+        out = sampler(model_fn, x_T, family, parameterization=parameterization, generator=generators,
+                      callback=callback, **extra)
+        return out if decoder is None else decoder(out).float()
 
 
 def _mean_channels(model_fn: ModelFn, channels: int) -> ModelFn:
