@@ -21,7 +21,8 @@ from torch import nn
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from difflab.lit.from_config import build_module, checked_stored_config, classifier_net_from_config
+from difflab.lit.from_config import (autoencoder_from_config, build_module, checked_stored_config,
+                                     classifier_net_from_config)
 from difflab.lit.resume import check_state_dict_fits
 
 
@@ -149,7 +150,7 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, int] | None:
 
 
 # what difflab.kind says in a checkpoint; training runs written before kinds existed have none
-RUN_KINDS = ("diffusion", "classifier", "noisy_classifier")
+RUN_KINDS = ("diffusion", "classifier", "noisy_classifier", "autoencoder")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,8 @@ class Checkpoint:
 
     @property
     def kind(self) -> str:
-        """'diffusion' (a difflab-train run: DDPM or score model), 'classifier' or 'noisy_classifier'."""
+        """'diffusion' (a difflab-train run: DDPM or score model), 'autoencoder' (a first stage trained by
+        difflab-train module=autoencoder), 'classifier' or 'noisy_classifier'."""
         return self.contents["difflab"].get("kind", "diffusion")
 
     @property
@@ -249,3 +251,20 @@ def load_classifier(path: str | os.PathLike, *, kind: str = "classifier", T: int
     net = classifier_net_from_config(ckpt.config, source=f"{name}={str(ckpt.path)!r}")
     net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt.state_dict.items() if k.startswith("net.")})
     return net.eval()
+
+
+def load_first_stage(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                     name: str = "first_stage.ckpt_path") -> nn.Module:
+    """The AutoencoderKL of a difflab-train module=autoencoder checkpoint, frozen (requires_grad False) in eval
+    mode; `stored_config` holds its first_stage_model config (what rebuilds it)."""
+    ckpt = read_checkpoint(path, name=name)
+    ckpt.require_kind("autoencoder", hint="; a first stage is trained with difflab-train experiment=digits_autoencoder "
+                      "(or module=autoencoder)")
+    source = f"{name}={str(ckpt.path)!r}"
+    net_cfg = checked_stored_config(ckpt.config, ("first_stage_model",), source=source).get("first_stage_model")
+    net = autoencoder_from_config(net_cfg or {}, source=source)
+    weights = {k.removeprefix("net."): v for k, v in ckpt.state_dict.items() if k.startswith("net.")}
+    check_state_dict_fits(net.state_dict(), weights, source=source, produced_by=net_cfg)
+    net.load_state_dict(weights)
+    net.stored_config = dict(net_cfg)
+    return net.to(device).eval().requires_grad_(False)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.lit.autoencoder import AutoencoderModule
 from difflab.lit.diffusion_module import DiffusionModule
 from difflab.lit.score_module import ScoreModule
 
@@ -47,9 +48,11 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
     return out
 
 
-def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | ScoreModule:
+def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | ScoreModule | AutoencoderModule:
     """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    if str(cfg.module.get("_target_", "")).endswith("AutoencoderModule"):
+        return build_autoencoder_module(cfg)
     score = str(cfg.module.get("_target_", "")).endswith("ScoreModule")
     if (cfg.get("sde") is not None) != score:
         raise ValueError(
@@ -73,7 +76,39 @@ def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | Score
     )
 
 
-BUILT_GROUPS = ("module", "model", "sde", "schedule", "objective", "timestep_sampler", "optimizer", "sampler", "data")
+def build_autoencoder_module(cfg: DictConfig) -> AutoencoderModule:
+    """module=autoencoder: the first stage of latent diffusion (first_stage_model), trained with manual optimisation;
+    refuses the diffusion-only settings a run of it cannot use, before any work."""
+    if cfg.get("first_stage_model") is None:
+        raise ValueError("module=autoencoder needs first_stage_model=<preset> (small, tiny, kl_f4, kl_f8; "
+                         "e.g. experiment=digits_autoencoder)")
+    callbacks = cfg.get("callbacks") or {}
+    on = [f"callbacks.{name}" for name in ("sample_grid", "evaluation") if callbacks.get(name)]
+    on += ["sampler"] if cfg.get("sampler") is not None else []
+    if on:
+        raise ValueError(f"module=autoencoder trains a first stage, which draws no samples, but {', '.join(on)} "
+                         f"{'is' if len(on) == 1 else 'are'} set; set {' '.join(k + '=null' for k in on)} "
+                         "(experiment=digits_autoencoder and fashion_autoencoder do)")
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("gradient_clip_val") or trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ValueError("module=autoencoder steps its optimizers itself (Lightning's manual optimisation), which "
+                         "Lightning's trainer.gradient_clip_val and trainer.accumulate_grad_batches do not support; "
+                         "set trainer.gradient_clip_val=null trainer.accumulate_grad_batches=1")
+    return instantiate(cfg.module, net=instantiate(cfg.first_stage_model), optimizer=instantiate(cfg.optimizer),
+                       _convert_="all")
+
+
+def autoencoder_from_config(config: Mapping[str, Any], *, source: str) -> Any:
+    """The untrained AutoencoderKL of a stored first_stage_model config node (a difflab.nets.* class only)."""
+    target = str((config or {}).get("_target_", ""))
+    if not target.startswith("difflab.nets."):  # the stored config picks what gets called: nets only
+        raise ValueError(f"{source}: first_stage_model._target_={target!r} is not allowed; it must name a class in "
+                         "difflab.nets.*")
+    return instantiate(OmegaConf.create(dict(config)), _convert_="all")
+
+
+BUILT_GROUPS = ("module", "model", "first_stage_model", "sde", "schedule", "objective", "timestep_sampler", "optimizer",
+                "sampler", "data")
 
 
 def checked_stored_config(config: Mapping[str, Any], groups: tuple[str, ...] = BUILT_GROUPS, *,
