@@ -113,10 +113,11 @@ class AutoencoderModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x = batch[0]  # (B, C, H, W) in [-1, 1]
+        gan = self.gan_active()  # decided once: global_step advances at the autoencoder's step below
         x_hat, posterior = self.net(x)
         loss, rec, kl = self.losses(x, x_hat, posterior)
         logs = {"train/rec_loss": rec.detach() / x[0].numel(), "train/kl": kl.detach()}  # rec per pixel
-        if self.gan_active():
+        if gan:
             g_loss = generator_loss(self.discriminator(x_hat))
             weight = adaptive_weight(rec, g_loss, self.net.last_layer, disc_weight=self.disc_weight)
             loss = loss + weight * g_loss
@@ -127,7 +128,7 @@ class AutoencoderModule(pl.LightningModule):
         opt_ae.zero_grad()
         self.manual_backward(loss)
         opt_ae.step()
-        if self.gan_active():
+        if gan:
             logs.update(self._discriminator_step(optimizers[1], x, x_hat.detach()))
         with torch.no_grad():
             x_hat = x_hat.detach().clamp(*DATA_RANGE)
