@@ -258,3 +258,14 @@ def test_resume_is_exact(trained, tmp_path):
     assert resumed.global_step == 40 and straight.keys() == resumed.state_dict.keys()
     for key, value in straight.items():
         assert torch.equal(value, resumed.state_dict[key]), key
+
+
+def test_the_discriminator_is_refused_under_ddp():
+    from types import SimpleNamespace
+
+    from difflab.lit.autoencoder import AutoencoderModule
+
+    module = AutoencoderModule(net=tiny(), optimizer=torch.optim.Adam, disc_weight=0.5, disc_layers=1)
+    module._trainer = SimpleNamespace(world_size=2, global_rank=0)
+    with pytest.raises(ValueError, match="disc_weight=0.5 trains a PatchGAN, which is not supported on 2 processes"):
+        module.setup("fit")

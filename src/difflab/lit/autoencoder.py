@@ -179,6 +179,13 @@ class AutoencoderModule(pl.LightningModule):
     # -- exact resume and checkpoints (as TrainingModule) ----------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1 and self.discriminator:
+            raise ValueError(
+                f"module.disc_weight={self.disc_weight} trains a PatchGAN, which is not supported on "
+                f"{self.trainer.world_size} processes yet: its parameters sit unused until disc_start, and its own "
+                "backward pass follows the autoencoder's in one DDP forward, whose gradient synchronisation difflab "
+                "has not verified; train on one device (trainer=cpu or trainer=gpu) or without the discriminator "
+                "(module.disc_weight=0)")
         if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
             resume.seed_rank(seed, self.global_rank, self.trainer.world_size)
