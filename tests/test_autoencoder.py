@@ -196,8 +196,8 @@ TINY_RUN = [
 
 def train(run_dir: Path, *overrides: str) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", *TINY_RUN, *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "difflab.cli.train", *TINY_RUN, *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 

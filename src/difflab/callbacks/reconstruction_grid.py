@@ -28,7 +28,8 @@ def first_images(loader: torch.utils.data.DataLoader, n: int) -> torch.Tensor:
 def pair_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """uint8 images (n, C, H, W) twice -> (2n, C, H, W) ordered o_0, r_0, o_1, r_1, ... for a grid of pairs."""
     if originals.shape != reconstructions.shape:
-        raise ValueError(f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)} differ")
+        raise ValueError(f"originals {tuple(originals.shape)} and reconstructions "
+                         f"{tuple(reconstructions.shape)} differ")
     return torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
 
 

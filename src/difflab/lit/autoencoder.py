@@ -211,7 +211,8 @@ class AutoencoderModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("difflab") or {}
         resume.check_state_dict_fits(
-            self.state_dict(), checkpoint["state_dict"], source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
+            self.state_dict(), checkpoint["state_dict"],
+            source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
             produced_by=(stored.get("config") or {}).get("first_stage_model"),
             expected_config=(self.run_config or {}).get("first_stage_model"),
         )

@@ -48,12 +48,13 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> Tensor:
-        """KL(q(z | x) || N(0, I)) per sample (B,): 0.5 sum(mu^2 + var - 1 - log var) (Kingma & Welling 2014, App. B)."""
+        """KL(q(z | x) || N(0, I)) per sample (B,): 0.5 sum(mu^2 + var - 1 - log var) (Kingma & Welling 2014,
+        App. B)."""
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 class ResnetBlock(nn.Module):
-    """ResBlock without a time input (LDM's ResnetBlock with temb_channels=0): x + conv(silu(norm(conv(silu(norm(x))))))."""
+    """ResBlock without a time input (LDM's ResnetBlock, temb_channels=0): x + conv(silu(norm(conv(silu(norm(x))))))."""
 
     def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -221,7 +222,8 @@ class AutoencoderKL(nn.Module):
 
     def _check_shape(self, name: str, t: Tensor, expected: tuple[int, int, int]) -> None:
         if t.ndim != 4 or tuple(t.shape[1:]) != expected:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; this AutoencoderKL expects (B, {', '.join(map(str, expected))})")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; this AutoencoderKL expects "
+                             f"(B, {', '.join(map(str, expected))})")
 
     @property
     def num_parameters(self) -> int:

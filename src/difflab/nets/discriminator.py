@@ -27,7 +27,7 @@ def _init(module: nn.Module) -> None:
 
 
 class NLayerDiscriminator(nn.Module):
-    """x (B, C, H, W) -> patch logits (B, 1, h, w) (Isola et al. 2017, App. 6.1.2: the 70x70 PatchGAN at num_layers=3)."""
+    """x (B, C, H, W) -> patch logits (B, 1, h, w) (Isola et al. 2017, App. 6.1.2: 70x70 PatchGAN at num_layers=3)."""
 
     def __init__(self, *, in_channels: int, image_size: int, channels: int = 64, num_layers: int = 3) -> None:
         super().__init__()
