@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily
 from difflab.lit import resume
+from difflab.lit.power_ema import EMAKind, PowerEMA, check_ema_kind, check_sigma_rels
 from difflab.nets.first_stage import FirstStage, latent_moments
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.families import check_sampler_fits
@@ -75,6 +76,8 @@ class TrainingModule(pl.LightningModule):
         ema_warmup: bool = True,
         compile: bool = False,
         first_stage: FirstStage | None = None,
+        ema: EMAKind = "constant",
+        ema_sigma_rels: Sequence[float] = (0.05, 0.10),
     ) -> None:
         super().__init__()
         if lr_warmup_steps < 0:
@@ -82,6 +85,9 @@ class TrainingModule(pl.LightningModule):
         self.net = net
         self.ema = AveragedModel(net, multi_avg_fn=EMADecay(ema_decay, warmup=ema_warmup), use_buffers=True)
         self.ema.requires_grad_(False)
+        # module.ema=power: EDM2's power-function profiles as well (lit/power_ema.py), for post-hoc EMA
+        self.ema_kind, sigma_rels = check_ema_kind(ema), check_sigma_rels(ema_sigma_rels)
+        self.power_ema = PowerEMA(net, sigma_rels) if ema == "power" else None
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = lr_warmup_steps
         self.ema_decay = ema_decay
@@ -113,6 +119,15 @@ class TrainingModule(pl.LightningModule):
         # once per optimizer step (not per accumulated batch), and before callbacks' on_train_batch_end,
         # so a grid or evaluation labelled step N uses the EMA that checkpoint step N holds
         self.ema.update_parameters(self.net)
+        if self.power_ema is not None:
+            self.power_ema.update(self.net)
+
+    def ema_snapshot(self) -> dict[str, Any] | None:
+        """The power-function EMA profiles now, as a weights_only-loadable dict (callbacks.EMASnapshots writes it);
+        None with module.ema=constant."""
+        if self.power_ema is None:
+            return None
+        return self.power_ema.snapshot(step=self.global_step, model_config=(self.run_config or {}).get("model"))
 
     def to_latent(self, x: Tensor) -> Tensor:
         """What the diffusion model is trained on: x itself, or z = s * E(x) for a latent diffusion model."""

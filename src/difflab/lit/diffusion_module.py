@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from difflab.diffusion.process import fixed_log_variance, randn_like
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import ImportanceTimesteps, UniformTimesteps
 from difflab.diffusion.variance import LearnedVariance
+from difflab.lit.power_ema import EMAKind
 from difflab.lit.base import EMADecay, OptimizerFactory, TrainingModule
 from difflab.nets.first_stage import FirstStage
 from difflab.nets.conditioning import Conditioning
@@ -40,9 +41,12 @@ class DiffusionModule(TrainingModule):
         label_dropout: float = 0.1,
         offset_noise: float = 0.0,
         first_stage: FirstStage | None = None,
+        ema: EMAKind = "constant",
+        ema_sigma_rels: Sequence[float] = (0.05, 0.10),
     ) -> None:
         super().__init__(net=net, optimizer=optimizer, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage)
+                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage, ema=ema,
+                         ema_sigma_rels=ema_sigma_rels)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout={label_dropout!r} must be in [0, 1) (0.1 in Ho & Salimans 2022)")
         if not offset_noise >= 0.0:

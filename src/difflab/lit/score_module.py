@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.score_objectives import DenoisingScoreMatching, Weighting, sample_times
 from difflab.diffusion.sde import NoiseFamily
+from difflab.lit.power_ema import EMAKind
 from difflab.lit.base import OptimizerFactory, TrainingModule
 from difflab.nets.first_stage import FirstStage
 
@@ -29,9 +30,12 @@ class ScoreModule(TrainingModule):
         ema_warmup: bool = True,
         compile: bool = False,
         first_stage: FirstStage | None = None,
+        ema: EMAKind = "constant",
+        ema_sigma_rels: Sequence[float] = (0.05, 0.10),
     ) -> None:
         super().__init__(net=net, optimizer=optimizer, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage)
+                         ema_warmup=ema_warmup, compile=compile, first_stage=first_stage, ema=ema,
+                         ema_sigma_rels=ema_sigma_rels)
         self.sde = sde
         self.objective = DenoisingScoreMatching(weighting=weighting)
 
