@@ -77,6 +77,10 @@ def heldout_bpd(cfg: DictConfig, module, datamodule, device: torch.device) -> di
     (L_T + sum L_{t-1} + L_0, 'vlb') or the PF-ODE (Hutchinson trace, uniform dequantisation, 'ode')."""
     if cfg.bpd.num_images <= 0:
         return None
+    if getattr(module, "first_stage", None) is not None:  # a bound on latents says nothing of pixel likelihood
+        log.warning("bits/dim skipped: this is a latent diffusion model, whose likelihood bound is over the first "
+                    "stage's latents, not pixels (not comparable with pixel-space bits/dim); set bpd.num_images=0")
+        return None
     method = bpd_method(cfg.bpd.get("method", "auto"), module)
     net = module.ema.module if cfg.use_ema else module.net
     if method == "vlb":

@@ -15,9 +15,10 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from difflab.cli.trainer_setup import build_trainer
 
-from difflab.lit.from_config import build_module
+from difflab.lit.from_config import build_module, first_stage_from_config, with_latent_model
 from difflab.cli.cluster import slurm_job_id
-from difflab.lit.checkpoint_io import checkpoint_step, newest_checkpoint, remove_stale_temporaries
+from difflab.lit.checkpoint_io import check_resume_fits, checkpoint_step, load_first_stage, newest_checkpoint, remove_stale_temporaries
+from difflab.lit.first_stage import describe_first_stage
 from difflab.lit.loggers import continue_loggers
 from difflab.cli.config import config_path, to_container
 from difflab.cli.feature_classifier import ensure_feature_classifier
@@ -31,10 +32,17 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     """Build everything (failing fast on bad input), fit, and return the final callback metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = build_module(cfg)
+    first_stage = first_stage_from_config(cfg, load_first_stage)  # latent diffusion: the frozen autoencoder
+    cfg = with_latent_model(cfg, first_stage)  # model.in_channels / image_size from its latent shape
+    module = build_module(cfg, first_stage=first_stage)
     module.run_config = to_container(cfg)
+    if first_stage is not None:  # its structure travels in the checkpoint (weights and scale: the state_dict)
+        module.run_config["first_stage"] = describe_first_stage(first_stage, module.run_config["first_stage"])
     prepare_feature_classifier(cfg)  # trained on first use, before the evaluation callback is built
     ckpt_path, resume_step = resume_point(cfg.ckpt_path, Path(cfg.paths.output_dir))
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        check_resume_fits(ckpt_path, kind=getattr(module, "checkpoint_kind", "diffusion"),
+                          latent=getattr(module, "first_stage", None) is not None)
     trainer = build_trainer(cfg)
     refuse_relaunch_in_multirun(trainer)
     try:

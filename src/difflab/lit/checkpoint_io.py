@@ -132,6 +132,28 @@ def checkpoint_step(path: str | os.PathLike) -> int:
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
 
 
+def check_resume_fits(path: str | os.PathLike, *, kind: str, latent: bool) -> None:
+    """Refuse to resume a run of `kind` (pixel or latent) from a checkpoint of another kind, naming both, before
+    any work (read memory-mapped, without loading its tensors)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        return  # not loadable: the resume itself refuses it by name (safe_load)
+    meta = contents.get("difflab") or {} if isinstance(contents, dict) else {}
+    found = meta.get("kind", "diffusion")
+    if found != kind:
+        raise ValueError(f"ckpt_path={str(path)!r} is a difflab checkpoint of kind {found!r}, but this run trains a "
+                         f"{kind!r} model; resume a {kind} run from its own checkpoints"
+                         + ("; to train on an autoencoder's latents, give it as first_stage=ckpt "
+                            "first_stage.ckpt_path=<it>" if found == "autoencoder" else ""))
+    stored_latent = bool((meta.get("config") or {}).get("first_stage"))
+    if kind == "diffusion" and stored_latent != latent:
+        where = {True: "latent diffusion (it has a first stage)", False: "pixel-space (first_stage=null)"}
+        raise ValueError(f"ckpt_path={str(path)!r} is a {where[stored_latent]} run, but this run is "
+                         f"{where[latent]}; resume with the first_stage setting the run was trained with")
+
+
 def newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, int] | None:
     """(path, global step) of the run directory's checkpoint with the highest global step, the most
     recently written among equals; None when it holds none. What `ckpt_path=last` resumes from."""

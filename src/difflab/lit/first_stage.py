@@ -63,10 +63,10 @@ def _check_channels(got: int, in_channels: int, what: str) -> None:
 
 
 def build_first_stage(config: Mapping[str, Any] | None, *, image_size: int, in_channels: int,
-                      loader: Any = None) -> FirstStage | None:
-    """The FirstStage a run's `first_stage` config names (None: pixel space). `loader(path)` loads a difflab
-    autoencoder checkpoint (lit.checkpoint_io.load_first_stage) for kind `ckpt`; `embedded` rebuilds
-    the structure only (the weights come with the checkpoint being loaded)."""
+                      autoencoder: nn.Module | None = None) -> FirstStage | None:
+    """The FirstStage a run's `first_stage` config names (None: pixel space). Kinds `ckpt` and `embedded`
+    of a difflab autoencoder take it as `autoencoder` (loaded by lit.checkpoint_io.load_first_stage, or
+    rebuilt untrained by lit.from_config; an embedded one gets its weights from the checkpoint being loaded)."""
     if not config:
         return None
     kind = config.get("kind")
@@ -75,15 +75,9 @@ def build_first_stage(config: Mapping[str, Any] | None, *, image_size: int, in_c
     scale = config.get("scale_factor")
     check_scale_factor(scale)
     posterior = bool(config.get("sample_posterior", True))
-    if kind == "ckpt" or (kind == "embedded" and config.get("autoencoder") == "difflab"):
-        if kind == "ckpt":
-            if loader is None:
-                raise ValueError("first_stage.kind=ckpt needs a checkpoint loader")
-            autoencoder = loader(config.get("ckpt_path"))
-        else:
-            from difflab.lit.from_config import autoencoder_from_config
-
-            autoencoder = autoencoder_from_config(config["config"], source="the checkpoint's first stage")
+    if is_difflab_autoencoder(config):
+        if autoencoder is None:
+            raise ValueError(f"first_stage.kind={kind!r} needs the difflab autoencoder it names")
         _check_channels(int(autoencoder.in_channels), in_channels, "the first stage")
         if int(autoencoder.image_size) != image_size:
             raise ValueError(f"the first stage was trained on {autoencoder.image_size}x{autoencoder.image_size} images "
@@ -101,6 +95,11 @@ def build_first_stage(config: Mapping[str, Any] | None, *, image_size: int, in_c
     if kind == "embedded":
         scale = None  # the stored buffer (state_dict) holds it
     return FirstStage(autoencoder, latent_shape=shape, scale_factor=scale, sample_posterior=posterior)
+
+
+def is_difflab_autoencoder(config: Mapping[str, Any]) -> bool:
+    """Whether a first_stage config names a difflab autoencoder (kind ckpt, or embedded from one)."""
+    return config.get("kind") == "ckpt" or (config.get("kind") == "embedded" and config.get("autoencoder") == "difflab")
 
 
 def describe_first_stage(first_stage: FirstStage, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,14 +7,19 @@ an entry point. Only `difflab.*` and `torch.*` targets are built from a stored c
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+import math
+from typing import Any, Callable, Mapping
 
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from difflab.lit.autoencoder import AutoencoderModule
 from difflab.lit.diffusion_module import DiffusionModule
+from difflab.lit.first_stage import build_first_stage, is_difflab_autoencoder
 from difflab.lit.score_module import ScoreModule
+from difflab.nets.first_stage import FirstStage
 
 ALLOWED_TARGETS = ("difflab.", "torch.")  # what a stored config may name as _target_
 # targets that moved since a checkpoint may have been written: old name -> new name
@@ -48,11 +53,78 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
     return out
 
 
-def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | ScoreModule | AutoencoderModule:
-    """Network, schedule (or SDE), objective and optimizer from config; fails fast on bad shapes or values."""
+AutoencoderLoader = Callable[[str], nn.Module]  # a difflab autoencoder checkpoint path -> its frozen AutoencoderKL
+
+
+def first_stage_from_config(cfg: DictConfig, load_autoencoder: AutoencoderLoader | None = None) -> FirstStage | None:
+    """The frozen first stage `cfg.first_stage` names (None: pixel space); kind `ckpt` reads its checkpoint
+    with `load_autoencoder` (lit.checkpoint_io.load_first_stage), `embedded` rebuilds a stored one."""
+    config = cfg.get("first_stage")
+    if not config:
+        return None
+    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    if str(cfg.module.get("_target_", "")).endswith("AutoencoderModule"):
+        raise ValueError("module=autoencoder trains a first stage; it cannot have one itself: set first_stage=null")
+    if cfg.get("first_stage_model") is not None:
+        raise ValueError("first_stage_model is set but this run trains a diffusion model on a first stage "
+                         f"(first_stage.kind={config.get('kind')!r}); set first_stage_model=null (the first stage "
+                         "is the autoencoder of first_stage.ckpt_path)")
+    autoencoder = None
+    if config.get("kind") == "ckpt":
+        path = config.get("ckpt_path")
+        if not path:
+            raise ValueError("first_stage=ckpt needs first_stage.ckpt_path=<an autoencoder run's checkpoints/last.ckpt> "
+                             "(difflab-train experiment=digits_autoencoder or fashion_autoencoder writes one)")
+        if load_autoencoder is None:
+            raise ValueError("first_stage.kind=ckpt needs a checkpoint reader (lit.checkpoint_io.load_first_stage)")
+        autoencoder = load_autoencoder(str(path))
+    elif is_difflab_autoencoder(config):
+        autoencoder = autoencoder_from_config(config.get("config") or {}, source="the checkpoint's first stage")
+    data = cfg.get("data") or {}
+    return build_first_stage(config, image_size=int(data.get("image_size")), in_channels=int(data.get("channels", 3)),
+                             autoencoder=autoencoder)
+
+
+def with_latent_model(cfg: DictConfig, first_stage: FirstStage | None) -> DictConfig:
+    """A copy of cfg whose model takes the first stage's latents: model.in_channels and model.image_size from
+    its latent shape (C, h, w), so no hand-matching; refuses a model given other values by hand."""
+    if first_stage is None or cfg.get("model") is None:
+        return cfg
+    c, h, w = first_stage.latent_shape
+    if h != w:
+        raise ValueError(f"the first stage's latents are {h}x{w}; the U-Net needs square latents")
+    raw = OmegaConf.to_container(cfg.model, resolve=False)
+    for key, value in (("in_channels", c), ("image_size", h)):
+        given = raw.get(key)
+        if given is not None and not (isinstance(given, str) and given.startswith("${")) and int(given) != value:
+            raise ValueError(f"model.{key}={given} does not fit the first stage, whose latents are {c}x{h}x{w} "
+                             f"(C x h x w); leave model.{key} to the first stage (difflab-train derives it) or "
+                             f"set model.{key}={value}")
+    levels = len(raw.get("ch_mult") or ()) if isinstance(raw.get("ch_mult"), (list, tuple)) else 0
+    if levels and h % 2 ** (levels - 1):
+        raise ValueError(f"the first stage's latents are {h}x{w}, but model.ch_mult={list(raw['ch_mult'])} downsamples "
+                         f"by {2 ** (levels - 1)}; use a ch_mult with at most {int(math.log2(h & -h)) + 1} levels "
+                         "(or a first stage with a smaller downsampling factor)")
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.model.in_channels = c
+        out.model.image_size = h
+    return out
+
+
+def build_module(cfg: DictConfig | Mapping[str, Any], *, first_stage: FirstStage | None = None,
+                 load_autoencoder: AutoencoderLoader | None = None) -> DiffusionModule | ScoreModule | AutoencoderModule:
+    """Network, schedule (or SDE), objective, optimizer and first stage (latent diffusion) from config; fails fast
+    on bad shapes or values. `first_stage` is built from cfg.first_stage unless given."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     if str(cfg.module.get("_target_", "")).endswith("AutoencoderModule"):
+        if cfg.get("first_stage"):
+            raise ValueError("module=autoencoder trains a first stage; it cannot have one itself: set first_stage=null")
         return build_autoencoder_module(cfg)
+    if first_stage is None:
+        first_stage = first_stage_from_config(cfg, load_autoencoder)
+    cfg = with_latent_model(cfg, first_stage)
+    latent = {} if first_stage is None else {"first_stage": first_stage}
     score = str(cfg.module.get("_target_", "")).endswith("ScoreModule")
     if (cfg.get("sde") is not None) != score:
         raise ValueError(
@@ -62,7 +134,7 @@ def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | Score
         )
     if score:  # score-based model: NCSN or a continuous-time SDE
         return instantiate(cfg.module, net=instantiate(cfg.model), sde=instantiate(cfg.sde),
-                           optimizer=instantiate(cfg.optimizer), _convert_="all")
+                           optimizer=instantiate(cfg.optimizer), _convert_="all", **latent)
     objective = instantiate(cfg.objective)
     extra = {"timestep_sampler": instantiate(cfg.timestep_sampler)} if cfg.get("timestep_sampler") else {}
     return instantiate(
@@ -73,6 +145,7 @@ def build_module(cfg: DictConfig | Mapping[str, Any]) -> DiffusionModule | Score
         optimizer=instantiate(cfg.optimizer),
         _convert_="all",
         **extra,
+        **latent,
     )
 
 
