@@ -187,6 +187,7 @@ def test_load_first_stage_refuses_a_diffusion_checkpoint(tmp_path):
 
 TINY_RUN = [
     "experiment=digits_autoencoder", "logger=csv", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+    "callbacks.reconstruction_fid=null",  # rFID and its classifier: tests/test_reconstruction_fid.py
     "trainer.max_steps=40", "trainer.limit_train_batches=10", "trainer.check_val_every_n_epoch=1",
     "trainer.log_every_n_steps=5", "trainer.enable_model_summary=false",
     # the discriminator joins for the last 10 steps: two optimizers, global_step still counts autoencoder steps

@@ -25,7 +25,7 @@ import shlex
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
@@ -91,6 +91,31 @@ def ensure_feature_classifier(
     train_feature_classifier(dataset, image_size, path, data_dir=data_dir,
                              overrides=env_overrides() if overrides is None else overrides)
     return path
+
+
+def callback_metrics_configs(cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The `metrics` configs of a run's callbacks that name a data set's features (dataset, image_size,
+    cache_dir): the evaluation callback's and the autoencoder's rFID callback's."""
+    found = []
+    for entry in (cfg.get("callbacks") or {}).values():
+        metrics = entry.get("metrics") if isinstance(entry, Mapping) else None
+        if isinstance(metrics, Mapping) and all(k in metrics for k in ("dataset", "image_size", "cache_dir")):
+            found.append(metrics)
+    return found
+
+
+def ensure_callback_classifiers(cfg: Mapping[str, Any], *, before_training: Callable[[], None] | None = None) -> None:
+    """Before a run's Trainer is built: the default classifier of every callback whose metrics need it, trained
+    here when missing (`before_training` runs first, once, on the process that trains)."""
+    for metrics in callback_metrics_configs(cfg):
+        kind, ckpt = metrics.get("extractor", "auto"), metrics.get("classifier_ckpt")
+        dataset, size, cache_dir = metrics["dataset"], metrics["image_size"], metrics["cache_dir"]
+        if not default_classifier_needed(kind, dataset, ckpt) or classifier_path(cache_dir, dataset, size).is_file():
+            continue  # the common case: paths.data_dir (which needs Hydra's runtime) is not even read
+        ensure_feature_classifier(extractor=kind, dataset=dataset, image_size=size, cache_dir=cache_dir,
+                                  classifier_ckpt=ckpt, data_dir=(cfg.get("paths") or {}).get("data_dir"),
+                                  before_training=before_training)
+        before_training = None
 
 
 def wait_for(path: Path, *, command: str, timeout: float, poll_seconds: float = 2.0) -> Path:

@@ -19,6 +19,7 @@ from difflab.metrics.extractors import (
     InceptionExtractor,
 )
 from difflab.metrics.generative import GenerativeMetrics
+from difflab.metrics.reconstruction import ReconstructionMetrics
 
 EXTRACTORS = ("auto", "inception", "efficientnet_lite0", "classifier")
 # data sets with a small difflab classifier: their offline metrics use its features
@@ -96,3 +97,21 @@ def build_metrics(
         classifier_ckpt=classifier_ckpt, classifier_loader=classifier_loader,
     )
     return GenerativeMetrics(extractor=feature_extractor, metrics=list(metrics), seed=seed)
+
+
+def build_reconstruction_metrics(
+    *,
+    extractor: str = "auto",
+    dataset: str,
+    image_size: int,
+    cache_dir: str | Path,
+    weights_path: str | None = None,
+    classifier_ckpt: str | None = None,
+    classifier_loader: ClassifierLoader | None = None,
+) -> ReconstructionMetrics:
+    """rFID over the chosen extractor (Hydra target of the autoencoder's ReconstructionFID callback)."""
+    feature_extractor = build_extractor(
+        extractor, dataset=dataset, image_size=image_size, cache_dir=cache_dir, weights_path=weights_path,
+        classifier_ckpt=classifier_ckpt, classifier_loader=classifier_loader,
+    )
+    return ReconstructionMetrics(extractor=feature_extractor)
