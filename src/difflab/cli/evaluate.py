@@ -18,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli.config import config_path, to_container
+from difflab.cli.export import posthoc_reconstructions, posthoc_rows
 from difflab.cli.feature_classifier import ensure_feature_classifier
 from difflab.cli.process_setup import setup_process
 from difflab.cli.sample import resolve_device
@@ -27,10 +28,11 @@ from difflab.diffusion.likelihood import bits_per_dim
 from difflab.diffusion.ode_likelihood import ode_bits_per_dim
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.lit.checkpoint_io import load_classifier, load_run
+from difflab.lit.posthoc_ema import apply_to
 from difflab.metrics.build import build_metrics
 from difflab.metrics.evaluation import check_guidance_scales, evaluate_samplers
 from difflab.metrics.reference import shared_reference
-from difflab.metrics.reports import format_table, write_results
+from difflab.metrics.reports import METRIC_KEYS, format_table, write_results
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.generate import Guidance
 
@@ -116,8 +118,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size}: need num_samples >= 2, batch_size >= 1")
     guidance_scales = [Guidance(scale=float(w)).scale for w in cfg.get("guidance_scales") or []] or None
+    if (cfg.get("ema") or {}).get("sigma_rel") is not None and not cfg.use_ema:
+        raise ValueError("ema.sigma_rel reconstructs EMA weights, but use_ema=false evaluates the raw weights; "
+                         "set use_ema=true or ema.sigma_rel=null")
+    # post-hoc EMA: ema.sigma_rel=[...] reconstructs each from the run's snapshots (else [None]: the stored EMA)
+    ckpt_path, reconstructions = posthoc_reconstructions(cfg.ckpt_path, cfg.get("ema"))
     # on the CPU first: a missing feature classifier is trained before any process group exists
-    run = load_run(cfg.ckpt_path)
+    run = load_run(ckpt_path)
     module, run_cfg = run.module, OmegaConf.create(run.config)
     for s in samplers.values():
         module.check_sampler(s)
@@ -140,20 +147,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cache_dir=Path(cfg.paths.cache_dir) / "reference", num_images=cfg.reference.num_images,
         is_rank_zero=rank == 0, barrier=dist.barrier if world > 1 else None,
     ))
-    rows = evaluate_samplers(module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples,
-                             batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema,
-                             guidance_scales=guidance_scales, num_classes=module.num_classes, precision=cfg.precision)
+    rows, likelihoods = [], []
+    for rec in reconstructions:  # the same seeds, reference statistics and held-out data for every sigma_rel
+        if rec is not None:
+            apply_to(module, rec, source=f"the EMA snapshots of {ckpt_path!r}")
+        rows += posthoc_rows(evaluate_samplers(
+            module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
+            seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema, guidance_scales=guidance_scales,
+            num_classes=module.num_classes, precision=cfg.precision), rec)
+        likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if rank == 0 else None)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:
-        result["likelihood"] = heldout_bpd(cfg, module, datamodule, device)
-        extra = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "dataset": dataset,
+        posthoc = reconstructions[0] is not None
+        result["likelihood"] = {f"{r.sigma_rel:g}": lk for r, lk in zip(reconstructions, likelihoods)} \
+            if posthoc and likelihoods[0] else likelihoods[0]
+        extra = {"checkpoint": str(Path(ckpt_path).resolve()), "dataset": dataset,
                  "likelihood": result["likelihood"], "eval_config": to_container(cfg), "world_size": world}
+        if posthoc:
+            extra["posthoc_ema"] = [r.info() for r in reconstructions]
         paths = write_results(rows, Path(out_dir), "metrics", extra)
         print(format_table(rows))
-        if result["likelihood"]:
-            print(f"bits/dim: {result['likelihood']['bpd']:.4f} ± {result['likelihood']['bpd_stderr']:.4f} "
-                  f"({result['likelihood']['bpd_images']} held-out images)")
+        for tag, lk in ((result["likelihood"] or {}).items() if posthoc else [("", result["likelihood"])]):
+            if lk:
+                print(f"{'sigma_rel=' + tag + ': ' if tag else ''}bits/dim: {lk['bpd']:.4f} ± {lk['bpd_stderr']:.4f} "
+                      f"({lk['bpd_images']} held-out images)")
         for kind, p in paths.items():
             print(f"{kind}: {p}")
     if world > 1:
@@ -161,10 +179,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def optimized_value(rows: list[dict[str, Any]], name: str | None) -> float | None:
+    """rows[0][name] for a sweeper (hparams_search=posthoc_ema minimises fid over ema.sigma_rel); None when name is None."""
+    if name is None:
+        return None
+    if name not in rows[0]:
+        raise ValueError(f"optimized_metric={name!r} is not a column of the results; available: "
+                         f"{sorted(k for k, v in rows[0].items() if isinstance(v, (int, float)))}")
+    return float(rows[0][name])
+
+
 @hydra.main(config_path=config_path(), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Evaluate; returns optimized_metric of the first result row to a Hydra sweeper."""
     setup_process()
-    evaluate(cfg)
+    name = cfg.get("optimized_metric")
+    if name is not None and name not in METRIC_KEYS:  # before any work
+        raise ValueError(f"optimized_metric={name!r} is not a metric difflab-eval reports; choose one of {METRIC_KEYS}")
+    return optimized_value(evaluate(cfg)["results"], name)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,48 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, stem: str, extra: d
     if any("guidance_scale" in r for r in rows) and any("fid" in r and "is_mean" in r for r in rows):
         paths["fid_vs_is"] = out_dir / f"{stem}_fid_vs_is.png"
         plot_fid_vs_is(rows, paths["fid_vs_is"])
+    if any("sigma_rel" in r for r in rows):  # post-hoc EMA sweep (difflab-eval ema.sigma_rel=[...])
+        paths["vs_sigma_rel"] = out_dir / f"{stem}_vs_sigma_rel.png"
+        plot_vs_sigma_rel(rows, paths["vs_sigma_rel"])
     return paths
+
+
+def best_sigma_rel(rows: list[dict[str, Any]], key: str = "fid") -> dict[str, dict[str, Any]]:
+    """{sampler label without its -ema<sigma_rel> suffix: the row of lowest `key`} over a post-hoc EMA sweep."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if "sigma_rel" in r and key in r:
+            base = r["sampler"].removesuffix(f"-ema{r['sigma_rel']:g}")
+            if base not in best or r[key] < best[base][key]:
+                best[base] = r
+    return best
+
+
+def plot_vs_sigma_rel(rows: list[dict[str, Any]], path: Path, key: str = "fid") -> None:
+    """A metric (FID) against the post-hoc EMA length sigma_rel, one line per sampler, the best marked (EDM2, Fig. 5 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for base, best in best_sigma_rel(rows, key).items():
+        pts = sorted((r["sigma_rel"], r[key]) for r in rows
+                     if "sigma_rel" in r and key in r and r["sampler"].removesuffix(f"-ema{r['sigma_rel']:g}") == base)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=base)
+        ax.plot([best["sigma_rel"]], [best[key]], "*", ms=14, color=line.get_color())
+        ax.annotate(f"best {best['sigma_rel']:g}: {best[key]:.3g}", (best["sigma_rel"], best[key]), fontsize=7,
+                    xytext=(4, 6), textcoords="offset points")
+    ax.set_xscale("log")
+    ticks = sorted({r["sigma_rel"] for r in rows if "sigma_rel" in r})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("EMA length sigma_rel (post hoc)")
+    ax.set_ylabel(key.upper() if key == "fid" else key)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_fid_vs_is(rows: list[dict[str, Any]], path: Path) -> None:
