@@ -22,6 +22,7 @@ from difflab.lit import resume
 from difflab.lit.power_ema import EMAKind, PowerEMA, check_ema_kind, check_sigma_rels
 from difflab.nets.first_stage import FirstStage, latent_moments
 from difflab.samplers.base import Callback, Sampler
+from difflab.samplers.edit import Edit
 from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.generate import Guidance, generate
 
@@ -248,12 +249,14 @@ class TrainingModule(pl.LightningModule):
         classifier: nn.Module | None = None,
         classifier_scale: float = 0.0,
         precision: str | int | None = None,
+        edit: Edit | None = None,
     ) -> Tensor:
         """Images in [-1, 1], (len(seeds), C, H, W), through generate() (samplers/generate.py) with the EMA or raw net.
 
         labels condition a class-conditional net with classifier-free scale w = guidance_scale, or steer
         the noise-aware `classifier` with scale classifier_scale. The net runs in eval mode and gets its
-        train/eval mode back whatever happens, a refused call included.
+        train/eval mode back whatever happens, a refused call included. `edit` (samplers/edit.py: Inpaint,
+        SDEdit) conditions on known pixels, one pixel-space image per seed (a latent model encodes them).
         """
         guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
         if classifier is not None and self.first_stage is not None:
@@ -266,6 +269,7 @@ class TrainingModule(pl.LightningModule):
             return generate(net, self.schedule, sampler, seeds, parameterization=self.parameterization,
                             model_variance=self.model_variance, labels=labels, guidance=guidance,
                             precision=precision, callback=callback,
-                            decoder=None if self.first_stage is None else self.first_stage.decode)
+                            decoder=None if self.first_stage is None else self.first_stage.decode,
+                            edit=edit, encoder=None if self.first_stage is None else self.first_stage.encode)
         finally:
             net.train(was_training)

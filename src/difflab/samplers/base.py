@@ -17,6 +17,7 @@ from difflab.diffusion.schedules import NoiseSchedule, extract
 from difflab.diffusion.sde import NoiseFamily, as_family
 from difflab.diffusion.thresholding import check_dynamic_percentile, dynamic_threshold, threshold_x0  # noqa: F401 (re-exported)
 from difflab.diffusion.variance import split_variance_output
+from difflab.samplers.inpaint import Inpaint, KnownGuide, discrete_marginal, loop_path
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 # cond_fn(x_t, t) -> s * grad_x log p(y | x_t), the classifier-guidance gradient (Dhariwal & Nichol 2021)
@@ -34,11 +35,15 @@ class Sampler(Protocol):
     Capabilities are declared, not inferred from types: a sampler with
     `supports_learned_variance` takes the keyword `model_variance` ('fixed' | 'learned' |
     'learned_range') and reads the net's variance channels; one with `supports_classifier_guidance`
-    takes `cond_fn`. generate() passes them only to samplers that declare them.
+    takes `cond_fn`; one with `supports_inpainting` takes `inpaint` (known pixels imposed after every step,
+    samplers/inpaint.py); one with `supports_sdedit` starts at its family's t_max, so SDEdit can start it part-way
+    (samplers/sdedit.py). generate() passes them only to samplers that declare them.
     """
 
     supports_learned_variance: bool
     supports_classifier_guidance: bool
+    supports_inpainting: bool
+    supports_sdedit: bool
 
     @property
     def name(self) -> str: ...
@@ -62,10 +67,13 @@ class Sampler(Protocol):
 
 
 class SamplerBase:
-    """Defaults of the Sampler protocol: no learned variance, no classifier guidance, any model family."""
+    """Defaults of the Sampler protocol: no learned variance, no classifier guidance, no inpainting, SDEdit (a start
+    part-way, at the family's t_max), any model family."""
 
     supports_learned_variance = False
     supports_classifier_guidance = False
+    supports_inpainting = False
+    supports_sdedit = True
 
     def validate(self, T: int) -> None:
         """Fail before sampling when a setting does not fit a model of T steps (default: every setting fits)."""
@@ -129,16 +137,29 @@ def reverse_loop(
     callback: Callback,
     dynamic_percentile: float | None = None,
     learned_variance: bool = False,
+    inpaint: Inpaint | None = None,
+    generator: Generator = None,
 ) -> Tensor:
-    """Run x_T -> x_0 over descending `timesteps`; callback gets {i, t, x, x0} after every step (k-diffusion style)."""
+    """Run x_T -> x_0 over descending `timesteps`; callback gets {i, t, x, x0} after every step (k-diffusion style).
+
+    With `inpaint` the loop walks RePaint's schedule: the known part is imposed after every step and a step
+    back up draws q(x_u | x_t) without a network call (samplers/inpaint.py); `generator` draws that noise.
+    """
     schedule = schedule.to(x_T.device)
-    x = x_T
-    t_prevs = list(timesteps[1:]) + [-1]
-    for i, (t, t_prev) in enumerate(zip(timesteps, t_prevs)):
+    times = sorted(timesteps) + [-1]  # level k -> timestep; level -1 (times[-1]) is the data
+    guide = None if inpaint is None else KnownGuide(inpaint, discrete_marginal(schedule), generator)
+    x = x_T if guide is None else guide.impose(x_T, times[-2])
+    for i, (k, k_next) in enumerate(loop_path(len(timesteps), inpaint)):
+        t, t_prev = times[k], times[k_next]
+        if k_next > k:  # RePaint: one level back up
+            x = guide.renoise(x, t, t_prev)
+            continue
         t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x0, eps, v = predict(model_fn, x, t_vec, schedule, parameterization, clip_x0=clip_x0,
                              dynamic_percentile=dynamic_percentile, learned_variance=learned_variance)
         x = step(x, x0, eps, t, t_prev, v) if learned_variance else step(x, x0, eps, t, t_prev)
+        if guide is not None:
+            x = guide.impose(x, t_prev)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -191,8 +212,13 @@ class DenoiserSampler(SamplerBase):
         parameterization: Prediction = "eps",
         generator: Generator = None,
         callback: Callback = None,
+        inpaint: Inpaint | None = None,
     ) -> Tensor:
         family = as_family(schedule)
         denoiser = Denoiser(model_fn, family, parameterization, clip_x0=self.clip_x0,
                             dynamic_percentile=self.dynamic_percentile)
-        return self.run(denoiser, family, x_T, generator, callback)
+        if inpaint is None:
+            return self.run(denoiser, family, x_T, generator, callback)
+        if not self.supports_inpainting:
+            raise ValueError(f"sampler {self.name!r} cannot impose known pixels (inpaint); use ddpm, ddim or pc")
+        return self.run(denoiser, family, x_T, generator, callback, inpaint=inpaint)  # type: ignore[call-arg]

@@ -25,6 +25,7 @@ from difflab.samplers.base import (
     check_discrete_family,
     reverse_loop,
 )
+from difflab.samplers.inpaint import Inpaint
 
 Spacing = Literal["linspace", "leading", "trailing", "quadratic"]
 
@@ -65,6 +66,7 @@ def ddim_sample(
     model_variance: ModelVariance = "fixed",
     dynamic_percentile: float | None = None,
     cond_fn: CondFn | None = None,
+    inpaint: Inpaint | None = None,
 ) -> Tensor:
     """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z (DDIM Eq. 12, sigma from Eq. 16 times eta).
 
@@ -105,6 +107,7 @@ def ddim_sample(
         model_fn, x_T, schedule, timesteps, step,
         parameterization=parameterization, clip_x0=clip_x0, callback=callback,
         dynamic_percentile=dynamic_percentile, learned_variance=learned,
+        inpaint=inpaint, generator=generator,
     )
 
 
@@ -135,6 +138,7 @@ class DDIM(SamplerBase):
 
     supports_learned_variance = True
     supports_classifier_guidance = True
+    supports_inpainting = True  # known pixels imposed after every step, RePaint's jumps (samplers/inpaint.py)
 
     def validate(self, T: int) -> None:
         """Fail before sampling when the step count or spacing does not fit T."""
@@ -156,10 +160,11 @@ class DDIM(SamplerBase):
         callback: Callback = None,
         model_variance: ModelVariance = "fixed",
         cond_fn: CondFn | None = None,
+        inpaint: Inpaint | None = None,
     ) -> Tensor:
         return ddim_sample(
             model_fn, x_T, schedule, steps=self.steps, eta=self.eta, spacing=self.spacing,
             parameterization=parameterization, clip_x0=self.clip_x0, generator=generator,
             callback=callback, model_variance=model_variance,
-            dynamic_percentile=self.dynamic_percentile, cond_fn=cond_fn,
+            dynamic_percentile=self.dynamic_percentile, cond_fn=cond_fn, inpaint=inpaint,
         )

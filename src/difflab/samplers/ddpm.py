@@ -36,6 +36,7 @@ from difflab.samplers.base import (
     reverse_loop,
 )
 from difflab.samplers.ddim import Spacing, ddim_timesteps
+from difflab.samplers.inpaint import Inpaint
 
 Variance = Literal["auto", "fixed_small", "fixed_large", "learned"]
 
@@ -76,6 +77,7 @@ def ddpm_sample(
     model_variance: ModelVariance = "fixed",
     dynamic_percentile: float | None = None,
     cond_fn: CondFn | None = None,
+    inpaint: Inpaint | None = None,
 ) -> Tensor:
     """x_{t-1} = mu_tilde(x_t, x0_hat) + s Sigma grad + Sigma^1/2 z, z = 0 at the last step (Ho et al. 2020, Alg. 2; Dhariwal & Nichol 2021, Alg. 1).
 
@@ -106,6 +108,7 @@ def ddpm_sample(
         model_fn, x_T, schedule, timesteps, step,
         parameterization=parameterization, clip_x0=clip_x0, callback=callback,
         dynamic_percentile=dynamic_percentile, learned_variance=model_variance != "fixed",
+        inpaint=inpaint, generator=generator,
     )
 
 
@@ -135,6 +138,7 @@ class DDPM(SamplerBase):
 
     supports_learned_variance = True
     supports_classifier_guidance = True
+    supports_inpainting = True  # known pixels imposed after every step, RePaint's jumps (samplers/inpaint.py)
 
     def validate(self, T: int) -> None:
         """Fail before sampling when a respaced step count does not fit T."""
@@ -157,10 +161,11 @@ class DDPM(SamplerBase):
         callback: Callback = None,
         model_variance: ModelVariance = "fixed",
         cond_fn: CondFn | None = None,
+        inpaint: Inpaint | None = None,
     ) -> Tensor:
         return ddpm_sample(
             model_fn, x_T, schedule, parameterization=parameterization, variance=self.variance,
             clip_x0=self.clip_x0, generator=generator, callback=callback, steps=self.steps,
             spacing=self.spacing, model_variance=model_variance,
-            dynamic_percentile=self.dynamic_percentile, cond_fn=cond_fn,
+            dynamic_percentile=self.dynamic_percentile, cond_fn=cond_fn, inpaint=inpaint,
         )

@@ -21,6 +21,7 @@ from difflab.diffusion.sde import NoiseFamily, as_family
 from difflab.nets.conditioning import Conditioning
 from difflab.nets.inference import active_autocast_dtype, autocast_dtype, precision_autocast, sampling_net
 from difflab.samplers.base import Callback, ModelFn, Sampler
+from difflab.samplers.edit import Edit, Encoder, check_edit_sampler, check_edit_shape, edited_call, latent_edit
 from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 
@@ -107,6 +108,8 @@ def generate(
     precision: str | int | None = None,
     callback: Callback = None,
     decoder: Callable[[Tensor], Tensor] | None = None,
+    edit: Edit | None = None,
+    encoder: Encoder | None = None,
 ) -> Tensor:
     """Images in [-1, 1], (len(seeds), C, H, W), from `net` (in eval mode) under `family`, sampled with `sampler`.
 
@@ -116,14 +119,27 @@ def generate(
     labels (one per seed, or one for all) condition a class-conditional net (guidance.scale is the
     classifier-free w) or steer a noise-aware guidance.classifier; precision bf16-mixed / 16-mixed
     runs the net under autocast with weights cast once; None or 32 keeps the caller's context.
+
+    edit (samplers/edit.py): Inpaint imposes known pixels after every step (RePaint, the PC inpainter),
+    SDEdit starts part-way from a noised source; its images are in pixel space, one per seed, and a latent
+    model's `encoder` (its first stage's encode) maps them to latents first.
     """
     device = next(net.parameters()).device
     dtype = active_autocast_dtype(device.type) if precision is None else autocast_dtype(precision)
     fam = as_family(family)
     check_request(fam, sampler, model_variance=model_variance, guidance=guidance, has_labels=labels is not None)
+    if edit is not None:
+        check_edit_sampler(edit, sampler)
     y = labels_tensor(labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
     cond = None if y is None else Conditioning(labels=y)
     x_T, generators = initial_noise((net.in_channels, net.image_size, net.image_size), seeds, device)
+    if edit is not None:
+        edit = edit.map(lambda v: v.to(device))
+        edit = edit if encoder is None else latent_edit(edit, encoder, generators)
+        check_edit_shape(edit, x_T.shape)
+        if getattr(edit, "strength", None) == 0:  # SDEdit at strength 0: the source itself
+            return edit.source.float() if decoder is None else decoder(edit.source).float()
+    family, sampler, x_T, edit_kwargs = edited_call(edit, family, sampler, x_T)
     with precision_autocast(dtype if precision is not None else None, device.type):
         model_fn = guided_model_fn(sampling_net(net, dtype), cond, guidance, net.in_channels)
         extra: dict = {}
@@ -134,7 +150,7 @@ def generate(
         if guidance.uses_classifier:
             extra["cond_fn"] = classifier_grad(guidance.classifier, y, scale=guidance.classifier_scale)
         out = sampler(model_fn, x_T, family, parameterization=parameterization, generator=generators,
-                      callback=callback, **extra)
+                      callback=callback, **extra, **edit_kwargs)
         return out if decoder is None else decoder(out).float()
 
 

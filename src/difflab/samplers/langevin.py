@@ -59,6 +59,7 @@ class ALD(DenoiserSampler):
     clip_x0: bool = False
     dynamic_percentile: float | None = None  # Imagen dynamic thresholding of x0 (takes precedence over clip_x0)
     _last_levels: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    supports_sdedit = False  # its levels and start noise ignore the family's t_max
 
     def __post_init__(self) -> None:
         self.check_thresholding()

@@ -17,6 +17,7 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.process import randn_like
 from difflab.diffusion.sde import NoiseFamily, VESDE, VPSDE, SubVPSDE, _bcast, _VPMean, generic_discretize
 from difflab.samplers.base import Callback, DenoiserSampler, Generator
+from difflab.samplers.inpaint import Inpaint, KnownGuide, family_marginal, loop_path
 
 Predictor = Literal["reverse_diffusion", "euler_maruyama", "ancestral", "none"]
 Corrector = Literal["langevin", "none"]
@@ -65,18 +66,32 @@ def langevin_corrector(family: NoiseFamily, denoiser: Denoiser, x: Tensor, t: Te
 
 def pc_sample(denoiser: Denoiser, x: Tensor, *, steps: int, predictor: Predictor, corrector: Corrector, snr: float,
               corrector_steps: int, snr_norm: SnrNorm = "sample", denoise: bool = True, generator: Generator = None,
-              callback: Callback = None) -> Tensor:
-    """Predictor-corrector sampler (Song et al. 2021, Alg. 1): per t_i, corrector then predictor."""
+              callback: Callback = None, inpaint: Inpaint | None = None) -> Tensor:
+    """Predictor-corrector sampler (Song et al. 2021, Alg. 1): per t_i, corrector then predictor.
+
+    With `inpaint`, the score-SDE inpainter / colorizer (Song et al. 2021, App. I): the known part is imposed
+    after the corrector and after the predictor, over RePaint's schedule when it resamples (samplers/inpaint.py).
+    """
     family = denoiser.family
     ts = torch.linspace(family.t_max, family.t_min, steps, dtype=torch.float64, device=x.device)
-    dt = 1.0 / steps
+    dt = family.t_max / steps  # 1/N over (0, 1] as in the paper's code; SDEdit's start part-way lowers t_max
+    guide = None if inpaint is None else KnownGuide(inpaint, family_marginal(family), generator)
+    level_t = lambda k: ts[steps - 1 - k] if k >= 0 else None  # noqa: E731 (level k -> its time; -1: the data)
+    x = x if guide is None else guide.impose(x, ts[0])
     mean = x
-    for i, t in enumerate(ts):
+    for i, (k, k_next) in enumerate(loop_path(steps, inpaint)):
+        t = level_t(k)
+        if k_next > k:  # RePaint: one level back up
+            x = guide.renoise(x, t, level_t(k_next))
+            continue
         t_vec = t.expand(x.shape[0])
         if corrector == "langevin":
             x, mean = langevin_corrector(family, denoiser, x, t_vec, dt, snr=snr, n_steps=corrector_steps,
                                          generator=generator, norm=snr_norm)
+            x = x if guide is None else guide.impose(x, t)
         x, mean = predictor_step(predictor, family, denoiser, x, t_vec, dt, generator)
+        if guide is not None:
+            x, mean = guide.impose(x, level_t(k_next)), guide.impose(mean, level_t(k_next))
         if callback is not None:
             callback({"i": i, "t": float(t), "x": x, "x0": mean})
     return mean if denoise else x
@@ -94,7 +109,7 @@ def check_pc_family(family: NoiseFamily, predictor: str, steps: int | None = Non
         raise ValueError("predictor='ancestral' exists for the vp and ve SDEs only (Song et al. 2021, App. F); "
                          "use reverse_diffusion or euler_maruyama for subvp")
     if (steps is not None and isinstance(family, VPSDE) and predictor in ("reverse_diffusion", "ancestral")
-            and family.beta_max / steps >= 1.0):
+            and family.beta_max * family.t_max / steps >= 1.0):
         raise ValueError(
             f"steps={steps} is too few for predictor={predictor!r} on the vp SDE: its DDPM discretisation needs "
             f"beta_max / steps < 1 (beta_max={family.beta_max:g}); use steps > {int(family.beta_max)} "
@@ -143,8 +158,12 @@ class PC(DenoiserSampler):
         """PC runs on continuous SDEs only (its predictor and step count must fit the family)."""
         check_pc_family(family, self.predictor, self.steps)
 
-    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback) -> Tensor:
+    supports_inpainting = True  # the score-SDE inpainter / colorizer (samplers/inpaint.py)
+
+    def run(self, denoiser: Denoiser, family: NoiseFamily, x_T: Tensor, generator: Generator, callback: Callback,
+            inpaint: Inpaint | None = None) -> Tensor:
         check_pc_family(family, self.predictor, self.steps)
         return pc_sample(denoiser, x_T * family.prior_std, steps=self.steps, predictor=self.predictor,
                          corrector=self.corrector, snr=self.snr, corrector_steps=self.corrector_steps,
-                         snr_norm=self.snr_norm, denoise=self.denoise, generator=generator, callback=callback)
+                         snr_norm=self.snr_norm, denoise=self.denoise, generator=generator, callback=callback,
+                         inpaint=inpaint)
