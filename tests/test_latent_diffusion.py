@@ -108,3 +108,150 @@ def test_latent_diffusion_trains_samples_pixels_and_its_checkpoint_is_self_conta
     rebuilt.load_state_dict(stored["state_dict"])
     assert float(rebuilt.first_stage.scale_factor) == scale
     torch.testing.assert_close(rebuilt.sample(DDIM(steps=5), seeds=[0, 1, 2]), samples)
+
+
+# -- the two-stage workflow through the real CLI (difflab-train first_stage=ckpt, difflab-sample, difflab-eval) ------
+
+AE_CONFIG = {"_target_": "difflab.nets.autoencoder.AutoencoderKL", "image_size": 8, "in_channels": 1, "ch": 8,
+             "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 2, "dropout": 0.0,
+             "channels_last": False}
+
+
+def random_autoencoder(path, seed: int = 0):
+    """A difflab autoencoder checkpoint (kind autoencoder) with random weights: f = 2, 1x8x8 -> 2x4x4."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(seed)
+    net = instantiate(AE_CONFIG)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "difflab": {"kind": "autoencoder", "config": {"first_stage_model": AE_CONFIG}}}, path)
+    return path
+
+
+def ldm_args(root, ae, *extra: str) -> list[str]:
+    return ["first_stage=ckpt", f"first_stage.ckpt_path={ae}", f"paths.cache_dir={root / 'cache'}", "logger=csv",
+            "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[2]", "schedule.T=50",
+            "data.batch_size=32", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.check_val_every_n_epoch=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+            "callbacks.evaluation=null", "callbacks.sample_grid.every_n_steps=1000", "callbacks.sample_grid.num_samples=4",
+            "callbacks.sample_grid.samplers.ddim.steps=5", "callbacks.sample_grid.samplers.ddpm=null", *extra]
+
+
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory):
+    """4 steps of latent diffusion on a (random) difflab autoencoder's latents, training from cached moments,
+    a checkpoint after every step; epochs of 2 steps."""
+    from test_resume import cli
+
+    root = tmp_path_factory.mktemp("ldm")
+    ae = random_autoencoder(root / "ae.ckpt")
+    args = ldm_args(root, ae, "first_stage.cache_latents=true", "trainer.max_steps=4",
+                    "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.keep=-1")
+    proc = cli("difflab.cli.train", *args, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return {"root": root, "ae": ae, "run": root / "run", "args": args, "log": proc.stdout + proc.stderr}
+
+
+def test_an_ldm_run_derives_its_unet_from_the_latents_and_its_checkpoint_carries_the_first_stage(ldm_run):
+    from test_resume import load
+
+    ckpt = load(ldm_run["run"] / "checkpoints" / "last.ckpt")
+    config = ckpt["difflab"]["config"]
+    assert (config["model"]["in_channels"], config["model"]["image_size"]) == (2, 4)  # 2x4x4 latents, not 1x8x8
+    stored = config["first_stage"]
+    assert stored["kind"] == "embedded" and stored["autoencoder"] == "difflab" and stored["config"]["z_channels"] == 2
+    weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("first_stage.autoencoder.")}
+    ae = torch.load(ldm_run["ae"], weights_only=True)["state_dict"]
+    assert len(weights) == len(ae) and all(torch.equal(v, ae["net." + k.removeprefix("first_stage.autoencoder.")])
+                                           for k, v in weights.items())
+    scale = float(ckpt["state_dict"]["first_stage.scale_factor"])
+    assert 0 < scale < float("inf") and "scale_by_std: first_stage.scale_factor" in ldm_run["log"]
+    assert (ldm_run["root"] / "cache" / "latents").is_dir()  # trained from cached moments
+    assert (ldm_run["run"] / "samples" / "ddim_step0000004.png").is_file()
+
+
+def test_an_ldm_run_resumes_exactly_from_mid_epoch_with_cached_latents(ldm_run):
+    """Step 1 of an epoch of 2: data order, posterior noise (drawn from the saved RNG), EMA and optimizer continue."""
+    from test_resume import assert_same_run, cli, load
+
+    root, run = ldm_run["root"], ldm_run["run"]
+    resumed = root / "resumed"
+    cli("difflab.cli.train", *ldm_run["args"], f"ckpt_path={run / 'checkpoints' / 'step-0000001.ckpt'}",
+        f"hydra.run.dir={resumed}", cwd=root)
+    a, b = load(run / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt")
+    assert_same_run(a, b)
+    assert torch.equal(a["state_dict"]["first_stage.scale_factor"], b["state_dict"]["first_stage.scale_factor"])
+
+
+def test_sample_and_eval_need_nothing_but_the_ldm_checkpoint(ldm_run, tmp_path):
+    import json
+
+    import numpy as np
+    from test_ddp import random_classifier
+    from test_resume import cli
+
+    ckpt = ldm_run["run"] / "checkpoints" / "last.ckpt"
+    moved = tmp_path / "ldm.ckpt"
+    moved.write_bytes(ckpt.read_bytes())
+    ldm_run["ae"].unlink()  # the autoencoder's files are gone: the checkpoint is self-contained
+    cli("difflab.cli.sample", f"ckpt_path={moved}", "sampler=ddim", "sampler.steps=4", "num_samples=3",
+        f"out_dir={tmp_path / 's'}", cwd=tmp_path)
+    images = np.load(tmp_path / "s" / "ddim-4_n3_seed0.npz")["images"]
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8  # decoded: pixels, not 2x4x4 latents
+    proc = cli("difflab.cli.evaluate", f"ckpt_path={moved}", "num_samples=8", "batch_size=4", "samplers=[ddim-3]",
+               "metrics.extractor=classifier", f"metrics.classifier_ckpt={random_classifier(tmp_path / 'clf.ckpt')}",
+               "metrics.names=[fid,precision_recall]", "reference.num_images=32", f"out_dir={tmp_path / 'e'}",
+               f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    result = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert result["results"][0]["sampler"] == "ddim-3" and np.isfinite(result["results"][0]["fid"])
+    assert "bits/dim skipped: this is a latent diffusion model" in proc.stdout + proc.stderr
+
+
+def test_a_stale_latent_cache_and_mismatched_checkpoints_are_refused_before_training(ldm_run, tmp_path):
+    from test_resume import cli
+
+    root = ldm_run["root"]
+    other = random_autoencoder(tmp_path / "other.ckpt", seed=1)
+    cache = next((root / "cache" / "latents").glob("*.pt"))
+    cases = [
+        ([f"first_stage.ckpt_path={other}", "first_stage.cache_latents=true", f"first_stage.cache_path={cache}"],
+         "was made by other first-stage weights"),
+        ([f"first_stage.ckpt_path={ldm_run['run'] / 'checkpoints' / 'last.ckpt'}"], "of kind 'diffusion', not 'autoencoder'"),
+        ([f"first_stage.ckpt_path={other}", "model.in_channels=1"], "model.in_channels=1 does not fit the first stage"),
+        ([f"first_stage.ckpt_path={other}", "first_stage.scale_factor=0"], r"first_stage.scale_factor=0 is not allowed"),
+        ([f"first_stage.ckpt_path={other}", "data.image_size=16"], "trained on 8x8 images but data.image_size=16"),
+    ]
+    for extra, message in cases:
+        run = tmp_path / f"bad{len(extra)}{abs(hash(message)) % 1000}"
+        proc = cli("difflab.cli.train", *ldm_args(root, other, "trainer.max_steps=1"), *extra, f"hydra.run.dir={run}",
+                   cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])
+        assert not (run / "checkpoints").exists()
+    # a pixel run resumed from the LDM checkpoint, and the reverse: refused by name
+    proc = cli("difflab.cli.train", "trainer.max_steps=1", f"ckpt_path={ldm_run['run'] / 'checkpoints' / 'last.ckpt'}",
+               f"hydra.run.dir={tmp_path / 'pix'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "is a latent diffusion (it has a first stage) run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_latent_scale_of_the_global_first_batch(tmp_path):
+    """scale_by_std under 2-process DDP: each rank encodes its half of the first global batch, the moments are
+    summed over ranks, so both hold 1 / std of the whole batch's latents (posterior mean: deterministic)."""
+    from difflab.data import DigitsDataModule
+    from difflab.data.base import EpochPermutationSampler
+    from difflab.data.transforms import to_model_range
+    from difflab.lit.checkpoint_io import load_first_stage
+    from test_resume import cli
+
+    ae = random_autoencoder(tmp_path / "ae.ckpt")
+    cli("difflab.cli.train", *ldm_args(tmp_path, ae, "trainer=ddp_cpu", "trainer.max_steps=1", "seed=3",
+                                       "first_stage.sample_posterior=false", "callbacks.sample_grid=null",
+                                       "+callbacks.probe._target_=hydra_test_targets.RankWeights",
+                                       f"+callbacks.probe.out_dir={tmp_path / 'probe'}"),
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    scales = [float(torch.load(tmp_path / "probe" / f"rank{r}.pt", weights_only=True)["state_dict"]
+                    ["first_stage.scale_factor"]) for r in (0, 1)]
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=32, num_workers=0, val_fraction=0.1, seed=0, hflip=False)
+    order = list(EpochPermutationSampler(dm.train_dataset, num_replicas=1, rank=0, seed=3))[:32]
+    stage = FirstStage(load_first_stage(ae), latent_shape=(2, 4, 4), sample_posterior=False)
+    z = stage.encode_unscaled(to_model_range(dm.train_dataset.__getitems__(order)[0])).double()
+    assert scales[0] == scales[1] == pytest.approx(1 / z.std(unbiased=False).item(), rel=1e-5)

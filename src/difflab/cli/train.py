@@ -10,6 +10,7 @@ from typing import Mapping
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -22,6 +23,7 @@ from difflab.lit.first_stage import describe_first_stage
 from difflab.lit.loggers import continue_loggers
 from difflab.cli.config import config_path, to_container
 from difflab.cli.feature_classifier import ensure_feature_classifier
+from difflab.cli.latent_cache import load_or_build_cache
 from difflab.cli.process_setup import setup_process
 from difflab.cli.runs import run_status
 
@@ -38,6 +40,13 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     module.run_config = to_container(cfg)
     if first_stage is not None:  # its structure travels in the checkpoint (weights and scale: the state_dict)
         module.run_config["first_stage"] = describe_first_stage(first_stage, module.run_config["first_stage"])
+        if cfg.first_stage.get("cache_latents"):  # encode the training split once; train on its moments
+            device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto") \
+                else "cpu"
+            datamodule.use_train_latents(load_or_build_cache(
+                first_stage, datamodule, data_name=str(cfg.data_name), cache_dir=cfg.paths.cache_dir,
+                cache_path=cfg.first_stage.get("cache_path"), device=device))
+            module.cached_latents = True
     prepare_feature_classifier(cfg)  # trained on first use, before the evaluation callback is built
     ckpt_path, resume_step = resume_point(cfg.ckpt_path, Path(cfg.paths.output_dir))
     if ckpt_path is not None and Path(ckpt_path).is_file():

@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from difflab.data.latents import LatentDataset, collate_latents
 from difflab.data.transforms import BatchToModelRange, check_channels
 
 
@@ -187,6 +188,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.pin_memory = torch.cuda.is_available()
         self._train: Dataset | None = None
         self._val: Dataset | None = None
+        self._train_latents: LatentDataset | None = None  # cached first-stage moments (latent diffusion)
         self._world_size, self._rank = 1, 0
         self.device_batch_size = self.batch_size  # batch_size / world size once a Trainer sets us up
         # the train permutation's seed: the run's seed (set by seed_everything) else the split seed
@@ -255,7 +257,16 @@ class ImageDataModule(pl.LightningDataModule):
         """How many images a split holds."""
         return len(self.train_dataset if split == "train" else self.val_dataset)
 
+    def use_train_latents(self, latents: LatentDataset) -> None:
+        """Train on cached first-stage moments instead of images (validation keeps the images)."""
+        if len(latents) != self.num_images("train"):
+            raise ValueError(f"the latent cache holds {len(latents)} entries but the train split has "
+                             f"{self.num_images('train')} images; rebuild the cache")
+        self._train_latents = latents
+
     def train_dataloader(self) -> DataLoader:
+        if self._train_latents is not None:
+            return self._loader(self._train_latents, train=True)
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -266,17 +277,18 @@ class ImageDataModule(pl.LightningDataModule):
         # keyed by (shuffle_seed, epoch, index), resumable part-way (ResumableLoader); val: left to
         # Lightning (sequential, split over ranks under DDP)
         trainer = getattr(self, "trainer", None)
+        latent = isinstance(dataset, LatentDataset)  # (index, flip) keys are read by the cache itself
         sampler = EpochPermutationSampler(
             dataset, num_replicas=self._world_size, rank=self._rank, seed=self.shuffle_seed, hflip=self.hflip,
             epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
         ) if train else None
         loader = (ResumableLoader if train else DataLoader)(
-            FlipKeyedView(dataset) if train and self.hflip else dataset,
+            FlipKeyedView(dataset) if train and self.hflip and not latent else dataset,
             batch_size=self.device_batch_size,
             sampler=sampler,
             shuffle=False,
             drop_last=train,
-            collate_fn=BatchToModelRange(),
+            collate_fn=collate_latents if latent else BatchToModelRange(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -96,6 +96,7 @@ class TrainingModule(pl.LightningModule):
             net.compile()
         # latent diffusion: the frozen autoencoder (its weights and latent scale travel in the checkpoint)
         self.first_stage = first_stage
+        self.cached_latents = False  # training batches are cached posterior moments (first_stage.cache_latents)
         if first_stage is not None:
             check_latent_shape(net, first_stage.latent_shape)
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints by the CLI
@@ -131,8 +132,11 @@ class TrainingModule(pl.LightningModule):
         return self.power_ema.snapshot(step=self.global_step, model_config=(self.run_config or {}).get("model"))
 
     def to_latent(self, x: Tensor) -> Tensor:
-        """What the diffusion model is trained on: x itself, or z = s * E(x) for a latent diffusion model."""
-        return x if self.first_stage is None else self.first_stage.encode(x)
+        """What the diffusion model is trained on: x itself, or z = s * E(x) for a latent diffusion model
+        (from cached posterior moments when training batches hold them)."""
+        if self.first_stage is None:
+            return x
+        return self.first_stage.encode_moments(x) if self.cached_latents else self.first_stage.encode(x)
 
     def to_latent_fixed(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """to_latent with the posterior sample drawn from `generator` (validation: comparable across evaluations)."""
@@ -141,7 +145,8 @@ class TrainingModule(pl.LightningModule):
     def _scale_by_std(self, x: Tensor) -> None:
         """Set the first stage's latent scale to 1 / std of the latents of this batch, over all ranks (LDM's
         scale_by_std, once, at the first training batch of a run whose scale is not fixed)."""
-        count, total, total_sq = latent_moments(self.first_stage.encode_unscaled(x))
+        unscaled = self.first_stage.unscaled_from_moments(x) if self.cached_latents else self.first_stage.encode_unscaled(x)
+        count, total, total_sq = latent_moments(unscaled)
         stats = torch.stack([count, total, total_sq])
         if self._trainer is not None and self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")

@@ -58,6 +58,26 @@ class FirstStage(nn.Module):
         return posterior.sample(generator=generator) if self.sample_posterior else posterior.mode()
 
     @torch.no_grad()
+    def moments(self, x: Tensor) -> Tensor:
+        """(mean, std) of q(z | x) before scaling, concatenated on channels: (B, 2C, h, w) (what a latent cache stores)."""
+        posterior = self._posterior(x)
+        return torch.cat([posterior.mean, posterior.std], dim=1)
+
+    @torch.no_grad()
+    def encode_moments(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z = s * (mean + std * eps) (or s * mean without posterior sampling) from cached moments."""
+        if not self.scale_known:
+            raise RuntimeError("the latent scale is not set yet: call set_scale_from(latents) first (scale_by_std)")
+        return self.unscaled_from_moments(moments, generator) * self.scale_factor.to(moments.dtype)
+
+    def unscaled_from_moments(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """E(x) from cached (mean, std): a posterior sample (reparameterised, Kingma & Welling 2014 Eq. 10) or its mean."""
+        mean, std = moments.chunk(2, dim=1)
+        if not self.sample_posterior:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z = s * E(x) for images x in [-1, 1]."""
         if not self.scale_known:
