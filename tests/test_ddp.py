@@ -51,6 +51,7 @@ def ddp_run(tmp_path_factory) -> dict[str, Path]:
         "callbacks.evaluation.samplers.ddim.steps=3", "+callbacks.evaluation.reference_images=64",
         "data.hflip=true", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.keep=-1",
         "+callbacks.probe._target_=hydra_test_targets.RankWeights",
+        "module.ema=power", "callbacks.ema_snapshots.every_n_steps=2",  # post-hoc EMA profiles under DDP
     ]
     proc = cli("difflab.cli.train", *args, f"+callbacks.probe.out_dir={probe}", f"hydra.run.dir={run_dir}", cwd=root)
     return {"root": root, "run": run_dir, "probe": probe, "stdout": proc.stdout, "stderr": proc.stderr, "args": args}
@@ -88,6 +89,19 @@ def test_ddp_ranks_hold_identical_weights_and_split_the_global_batch(ddp_run):
     for k, v in r0["state_dict"].items():
         assert torch.equal(v, r1["state_dict"][k]), f"{k} differs between ranks"
         assert torch.equal(v, ckpt[k]), f"{k} differs from the checkpoint"
+
+
+def test_ddp_power_ema_snapshots_hold_the_profiles_every_rank_holds(ddp_run):
+    """module.ema=power: the ranks' power_ema.* entries agree (the test above compares every entry); the
+    snapshots rank zero wrote are those profiles, float32, and load with weights_only."""
+    snaps = sorted((ddp_run["run"] / "ema_snapshots").glob("*"))
+    assert [p.name for p in snaps] == ["step-0000002.pt", "step-0000004.pt"]
+    last = torch.load(snaps[-1], map_location="cpu", weights_only=True)
+    r1 = torch.load(ddp_run["probe"] / "rank1.pt", weights_only=True)["state_dict"]
+    assert last["t"] == 4 and len(last["profiles"]) == 2
+    for k, profile in enumerate(last["profiles"]):
+        for name, tensor in profile.items():
+            assert torch.equal(tensor, r1[f"power_ema.profiles.{k}.module.{name}"].float()), name
 
 
 def test_ddp_resume_from_mid_epoch_equals_straight_training(ddp_run):

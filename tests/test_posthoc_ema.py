@@ -282,3 +282,23 @@ def test_difflab_eval_sweeps_sigma_rel_with_the_same_seeds(straight, tmp_path):
     assert (tmp_path / "sweep" / "metrics_vs_sigma_rel.png").is_file()
     assert out["results"][0]["fid"] != out["results"][1]["fid"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_only_rank_zero_writes_snapshots(tmp_path):
+    from types import SimpleNamespace
+
+    class Module:
+        power_ema = PowerEMA(nn.Linear(2, 2))
+
+        def ema_snapshot(self):
+            return self.power_ema.snapshot(step=4)
+
+    written = []
+    io = SimpleNamespace(save_checkpoint=lambda payload, path: written.append(path))
+    callback = EMASnapshots(dirpath=str(tmp_path), every_n_steps=2)
+    for rank in (1, 0):
+        trainer = SimpleNamespace(global_step=4, is_global_zero=rank == 0, max_steps=8,
+                                  strategy=SimpleNamespace(checkpoint_io=io))
+        callback.on_train_start(trainer, Module())
+        callback.on_train_batch_end(trainer, Module(), None, None, 0)
+    assert written == [tmp_path / "step-0000004.pt"] and callback.every == 2
