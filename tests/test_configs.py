@@ -84,7 +84,27 @@ def test_every_sampler_option_instantiates(option):
 @pytest.mark.parametrize("option", options("experiment"))
 def test_every_experiment_composes(tmp_path, option):
     cfg = compose_train(tmp_path, [f"experiment={option}"])
-    build_module(cfg)
+    if (cfg.get("first_stage") or {}).get("kind") == "ckpt":  # latent experiments take the user's autoencoder
+        cfg.first_stage.ckpt_path = "an-untrained-small-preset"
+    build_module(cfg, load_autoencoder=small_autoencoder(cfg))
+
+
+def small_autoencoder(cfg):
+    """For latent experiments (first_stage=ckpt, a path the user gives): an untrained first_stage_model=small."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from difflab.lit.from_config import autoencoder_from_config
+
+    def load(path: str):
+        preset = OmegaConf.load(Path(config_dir()) / "first_stage_model" / "small.yaml")
+        preset.image_size, preset.in_channels = cfg.data.image_size, cfg.data.channels
+        net = autoencoder_from_config(OmegaConf.to_container(preset), source=path)
+        net.stored_config = OmegaConf.to_container(preset)
+        return net.eval().requires_grad_(False)
+
+    return load
 
 
 def test_resolved_config_has_no_missing_values(tmp_path):

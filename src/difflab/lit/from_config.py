@@ -72,7 +72,7 @@ def first_stage_from_config(cfg: DictConfig, load_autoencoder: AutoencoderLoader
     autoencoder = None
     if config.get("kind") == "ckpt":
         path = config.get("ckpt_path")
-        if not path:
+        if not path or path == "???":
             raise ValueError("first_stage=ckpt needs first_stage.ckpt_path=<an autoencoder run's checkpoints/last.ckpt> "
                              "(difflab-train experiment=digits_autoencoder or fashion_autoencoder writes one)")
         if load_autoencoder is None:
