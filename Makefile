@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.difflab-installed
 
-.PHONY: train test sample bench bench-quality bench-deps gpu-wheels gpu-check clean-venv
+.PHONY: train test data sample bench bench-quality bench-deps gpu-wheels gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,30 @@ train: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+## the Fashion-MNIST demo's data and one-time assets, idempotent: Debian's dataset-fashion-mnist (apt-get, as root or
+## with sudo; else a message saying how), then its feature classifier for FID / rFID, trained once into the cache
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+data: $(STAMP)
+	@if [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+		echo "data: Fashion-MNIST is installed ($(FASHION_MNIST_DIR))"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "data: no apt-get on this system: place Fashion-MNIST's train-*-ubyte.gz files in data/FashionMNIST/raw" \
+			"(or let torchvision download them where the network allows)"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1 && { [ -t 0 ] || sudo -n true 2>/dev/null; }; then SUDO=sudo; \
+		else SUDO=none; fi; \
+		if [ "$$SUDO" = none ]; then \
+			echo "data: installing Fashion-MNIST needs root: run 'apt-get install dataset-fashion-mnist' as root" \
+				"(or sudo), then make data again"; \
+		else \
+			$$SUDO apt-get install -y -q dataset-fashion-mnist || \
+				{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; } || \
+				echo "data: apt-get could not install dataset-fashion-mnist (see above)"; \
+		fi; \
+	fi
+	$(BIN)/python -m difflab.cli.assets fashion_mnist
 
 ## sample from a checkpoint: make sample CKPT=outputs/.../checkpoints/last.ckpt
 sample: $(STAMP)
