@@ -64,6 +64,26 @@ def test_rfid_is_zero_for_perfect_reconstructions_and_grows_as_they_worsen():
     assert scores[1] == pytest.approx(fid.compute()["fid"], rel=1e-4)
 
 
+def test_the_originals_features_are_computed_once_per_key():
+    ext, x = extractor(), digits()
+    seen: list[int] = []
+    ext.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    blur = lambda images: torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)  # noqa: E731
+    metrics = ReconstructionMetrics(extractor=ext)
+
+    def run(key, transform=blur):
+        seen.clear()
+        out = evaluate_reconstructions(transform, lambda i: x[i], metrics, num_images=100, batch_size=64,
+                                       originals_key=key)["rfid"]
+        return out, sum(seen)
+
+    first, n_first = run("val")
+    again, n_again = run("val")
+    assert (n_first, n_again) == (200, 100) and again == pytest.approx(first, rel=1e-9)
+    assert run("val", lambda images: images) == (pytest.approx(0.0, abs=1e-9), 100)  # reused, still exact
+    assert run(None)[1] == 200 and run(None)[1] == 200  # no key: nothing is reused
+
+
 def test_bad_input_is_refused_by_name():
     metrics = ReconstructionMetrics(extractor=extractor())
     with pytest.raises(ValueError, match=r"originals \(2, 1, 8, 8\) and reconstructions \(3, 1, 8, 8\)"):

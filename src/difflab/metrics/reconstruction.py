@@ -9,7 +9,7 @@ returns the same number everywhere, so the score does not depend on the number o
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,21 +32,33 @@ class ReconstructionMetrics(nn.Module):
         self.extractor = extractor
         self.real = FeatureBank(keep_features=True, keep_logits=False)
         self.fake = FeatureBank(keep_features=True, keep_logits=False)
+        self.originals_key: Hashable | None = None  # what the real bank holds (evaluate_reconstructions reuses it)
 
     @torch.no_grad()
     def update(self, originals: Tensor, reconstructions: Tensor) -> None:
         """Add a batch of uint8 originals and their uint8 reconstructions, both (B, C, H, W)."""
-        if originals.shape != reconstructions.shape:
-            raise ValueError(f"originals {tuple(originals.shape)} and reconstructions "
-                             f"{tuple(reconstructions.shape)} must have the same shape")
-        for bank, images in ((self.real, originals), (self.fake, reconstructions)):
-            features = self.extractor(images.to(bank.device))  # (B, D)
-            bank.update(features, features[:, :0])
+        check_same_shape(originals, reconstructions)
+        self.add_originals(originals)
+        self.add_reconstructions(reconstructions)
 
-    def reset(self) -> None:
-        """Forget every image seen."""
-        self.real.reset()
+    @torch.no_grad()
+    def add_originals(self, images: Tensor) -> None:
+        """Add uint8 originals (B, C, H, W) alone."""
+        features = self.extractor(images.to(self.real.device))  # (B, D)
+        self.real.update(features, features[:, :0])
+
+    @torch.no_grad()
+    def add_reconstructions(self, images: Tensor) -> None:
+        """Add uint8 reconstructions (B, C, H, W) alone."""
+        features = self.extractor(images.to(self.fake.device))  # (B, D)
+        self.fake.update(features, features[:, :0])
+
+    def reset(self, *, keep_originals: bool = False) -> None:
+        """Forget the reconstructions, and the originals unless keep_originals."""
         self.fake.reset()
+        if not keep_originals:
+            self.real.reset()
+            self.originals_key = None
 
     def compute(self) -> dict[str, float]:
         """Collective under DDP: call on every rank; every rank gets the same {"rfid": value}."""
@@ -62,6 +74,13 @@ class ReconstructionMetrics(nn.Module):
         return {"rfid": frechet_distance(fake, mu_real=mu, sigma_real=sigma, num_real=real.shape[0])}
 
 
+def check_same_shape(originals: Tensor, reconstructions: Tensor) -> None:
+    """Originals and reconstructions must pair up image by image."""
+    if originals.shape != reconstructions.shape:
+        raise ValueError(f"originals {tuple(originals.shape)} and reconstructions "
+                         f"{tuple(reconstructions.shape)} must have the same shape")
+
+
 def evaluate_reconstructions(
     reconstruct: Callable[[Tensor], Tensor],
     images_at: Callable[[Sequence[int]], Tensor],
@@ -71,15 +90,23 @@ def evaluate_reconstructions(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    originals_key: Hashable | None = None,
 ) -> dict[str, float]:
     """rFID of held-out images 0..num_images-1, this rank taking its block: `images_at(indices)` gives uint8
-    originals (B, C, H, W), `reconstruct(x)` maps [-1, 1] images to [-1, 1] reconstructions."""
+    originals (B, C, H, W), `reconstruct(x)` maps [-1, 1] images to [-1, 1] reconstructions. With the
+    `originals_key` of the previous call (the same images), the originals' features are reused."""
     if num_images < 2 or batch_size < 1:
         raise ValueError(f"num_images={num_images} and batch_size={batch_size}: need num_images >= 2, batch_size >= 1")
-    metrics.reset()
+    key = None if originals_key is None else (originals_key, num_images, rank, world_size)
+    reuse = key is not None and metrics.originals_key == key
+    metrics.reset(keep_originals=reuse)
     block = shard(num_images, rank, world_size)
     for start in range(block.start, block.stop, batch_size):
         originals = images_at(list(range(start, min(start + batch_size, block.stop))))  # uint8 (B, C, H, W)
-        x_hat = reconstruct(to_model_range(originals))
-        metrics.update(originals, to_uint8(x_hat.detach()))
+        x_hat = to_uint8(reconstruct(to_model_range(originals)).detach())
+        check_same_shape(originals, x_hat)
+        if not reuse:
+            metrics.add_originals(originals)
+        metrics.add_reconstructions(x_hat)
+    metrics.originals_key = key
     return metrics.compute()
