@@ -290,7 +290,12 @@ def check_command(cmd: Command, paths: dict[str, Path]) -> None:
     cfg = compose_command(cmd, paths)
     if cmd.config == "train":
         build_module = find("build_module", "difflab.lit.from_config", "difflab.cli.trainer_setup")
-        module = build_module(cfg)
+        if (cfg.get("first_stage") or {}).get("kind") == "ckpt":  # latent diffusion on the user's autoencoder
+            from test_configs import small_autoencoder
+
+            module = build_module(cfg, load_autoencoder=small_autoencoder(cfg))
+        else:
+            module = build_module(cfg)
         assert module is not None
         datamodule = instantiate(cfg.data)
         assert datamodule.image_size == cfg.data.image_size
