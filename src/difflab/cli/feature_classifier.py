@@ -93,21 +93,21 @@ def ensure_feature_classifier(
     return path
 
 
-def callback_metrics_configs(cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The `metrics` configs of a run's callbacks that name a data set's features (dataset, image_size,
-    cache_dir): the evaluation callback's and the autoencoder's rFID callback's."""
-    found = []
-    for entry in (cfg.get("callbacks") or {}).values():
+def callback_metrics_configs(cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """{callback name: its `metrics` config} for a run's callbacks whose metrics name a data set's features
+    (dataset, image_size, cache_dir): the evaluation callback's and the autoencoder's rFID callback's."""
+    found = {}
+    for name, entry in (cfg.get("callbacks") or {}).items():
         metrics = entry.get("metrics") if isinstance(entry, Mapping) else None
         if isinstance(metrics, Mapping) and all(k in metrics for k in ("dataset", "image_size", "cache_dir")):
-            found.append(metrics)
+            found[name] = metrics
     return found
 
 
 def ensure_callback_classifiers(cfg: Mapping[str, Any], *, before_training: Callable[[], None] | None = None) -> None:
     """Before a run's Trainer is built: the default classifier of every callback whose metrics need it, trained
     here when missing (`before_training` runs first, once, on the process that trains)."""
-    for metrics in callback_metrics_configs(cfg):
+    for metrics in callback_metrics_configs(cfg).values():
         kind, ckpt = metrics.get("extractor", "auto"), metrics.get("classifier_ckpt")
         dataset, size, cache_dir = metrics["dataset"], metrics["image_size"], metrics["cache_dir"]
         if not default_classifier_needed(kind, dataset, ckpt) or classifier_path(cache_dir, dataset, size).is_file():
