@@ -302,3 +302,28 @@ def test_only_rank_zero_writes_snapshots(tmp_path):
         callback.on_train_start(trainer, Module())
         callback.on_train_batch_end(trainer, Module(), None, None, 0)
     assert written == [tmp_path / "step-0000004.pt"] and callback.every == 2
+
+
+def test_module_ema_composes_for_both_module_kinds_and_constant_is_unchanged(tmp_path):
+    from difflab.lit.from_config import build_module
+
+    def build(overrides):
+        small = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1"]
+        return build_module(composed("train", [f"paths.output_dir={tmp_path}", *small, *overrides]))
+
+    try:
+        constant = build([])
+        assert constant.power_ema is None and constant.ema_kind == "constant"
+        assert not [k for k in constant.state_dict() if not k.startswith(("net.", "ema."))]  # as before
+        power = build(["module.ema=power"])
+        assert [p.gammas for p in [power.power_ema]] == [(gamma_of_sigma_rel(0.05), gamma_of_sigma_rel(0.1))]
+        assert {k[len("power_ema.profiles.0.module."):] for k in power.state_dict()
+                if k.startswith("power_ema.profiles.0.module.")} == set(power.net.state_dict())
+        score = build(["experiment=digits_vpsde", "module.ema=power", "module.ema_sigma_rels=[0.05,0.1,0.2]"])
+        assert score.power_ema.sigma_rels == (0.05, 0.1, 0.2)
+        with pytest.raises(Exception, match=r"module.ema='karras' is not supported; choose one of \('constant', "):
+            build(["module.ema=karras"])
+        with pytest.raises(Exception, match=r"module.ema_sigma_rels=\[0.05, 0.4\] is not allowed"):
+            build(["module.ema=power", "module.ema_sigma_rels=[0.05,0.4]"])
+    finally:
+        GlobalHydra.instance().clear()
