@@ -266,10 +266,10 @@ def test_difflab_eval_sweeps_sigma_rel_with_the_same_seeds(straight, tmp_path):
 
     clf = random_classifier(tmp_path / "clf.ckpt")
     common = [f"ckpt_path={straight}", f"paths.cache_dir={tmp_path / 'cache'}", "num_samples=6", "batch_size=6",
-              "samplers=[ddim-2]", "bpd.num_images=0", "metrics.extractor=classifier",
+              "samplers=[ddim-2]", "bpd.num_images=4", "bpd.batch_size=4", "metrics.extractor=classifier",
               f"metrics.classifier_ckpt={clf}", "metrics.names=[fid]", "reference.num_images=64"]
     try:
-        out = evaluate(composed("eval", [*common, "ema.sigma_rel=[0.05,0.2]", f"out_dir={tmp_path / 'sweep'}"]))
+        out = evaluate(composed("eval", [*common, "ema.sigma_rel=[0.05,0.2]", "ema.bpd=true", f"out_dir={tmp_path / 'sweep'}"]))
         with pytest.raises(ValueError, match=r"sigma_rel 0.01 \(error .*\) lies outside the range"):
             evaluate(composed("eval", [*common, "ema.sigma_rel=[0.01]", f"out_dir={tmp_path / 'bad'}"]))
     finally:
@@ -279,6 +279,7 @@ def test_difflab_eval_sweeps_sigma_rel_with_the_same_seeds(straight, tmp_path):
     assert [r["sampler"] for r in rows["results"]] == ["ddim-2-ema0.05", "ddim-2-ema0.2"]
     assert all(r["ema_step"] == 8 and r["seed"] == 0 for r in rows["results"])
     assert [p["sigma_rel"] for p in rows["posthoc_ema"]] == [0.05, 0.2]
+    assert sorted(rows["likelihood"]) == ["0.05", "0.2"] and rows["likelihood"]["0.2"]["bpd_images"] == 4
     assert (tmp_path / "sweep" / "metrics_vs_sigma_rel.png").is_file()
     assert out["results"][0]["fid"] != out["results"][1]["fid"]
     assert not (tmp_path / "bad").exists()

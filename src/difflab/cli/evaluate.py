@@ -155,7 +155,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
             seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema, guidance_scales=guidance_scales,
             num_classes=module.num_classes, precision=cfg.precision), rec)
-        likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if rank == 0 else None)
+        bpd_here = rank == 0 and (rec is None or bool(cfg.ema.get("bpd", False)))  # per sigma_rel: opt-in (T calls each)
+        likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if bpd_here else None)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:
