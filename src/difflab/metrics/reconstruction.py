@@ -1,5 +1,5 @@
-"""rFID: the FID of an autoencoder's reconstructions against the originals they came from (Rombach et al. 2022,
-Table 8 / App. D.1), in the features of the run's offline extractor.
+"""rFID: the FID of an autoencoder's reconstructions against the originals they came from (the R-FID Rombach et
+al. 2022 report for their first stages), in the features of the run's offline extractor.
 
 Both sets are the same held-out images, so perfect reconstructions score 0 and worse ones more. The
 evaluation engine's rules hold: image i of the held-out split belongs to rank r's contiguous block
