@@ -255,3 +255,35 @@ def test_ddp_ranks_agree_on_the_latent_scale_of_the_global_first_batch(tmp_path)
     stage = FirstStage(load_first_stage(ae), latent_shape=(2, 4, 4), sample_posterior=False)
     z = stage.encode_unscaled(to_model_range(dm.train_dataset.__getitems__(order)[0])).double()
     assert scales[0] == scales[1] == pytest.approx(1 / z.std(unbiased=False).item(), rel=1e-5)
+
+
+def test_every_sampler_and_classifier_free_guidance_run_on_a_class_conditional_latent_model(vae_dir):
+    """Latents are not clipped to [-1, 1] (clip_x0 is a pixel rule), outputs are decoded pixels; dynamic
+    thresholding and classifier guidance are refused by name."""
+    from difflab.samplers import DDPM, PFODE, DPMSolverPP, Heun
+
+    stage = build_first_stage({"kind": "diffusers_vae", "path": str(vae_dir)}, image_size=16, in_channels=1)
+    torch.manual_seed(1)
+    net = UNet(image_size=8, in_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+               dropout=0.0, num_classes=3)
+    module = DiffusionModule(net=net, betas=linear_betas(100), first_stage=stage,
+                             optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    clipped = []
+    original = DDIM.__call__
+
+    def spy(self, *args, **kwargs):
+        clipped.append(self.clip_x0)
+        return original(self, *args, **kwargs)
+
+    DDIM.__call__ = spy
+    try:
+        for sampler in (DDPM(steps=5), DDIM(steps=4), Heun(steps=3), DPMSolverPP(steps=4), PFODE(rtol=1e-2, atol=1e-2)):
+            out = module.sample(sampler, seeds=[0, 1], labels=[0, 2], guidance_scale=2.0)
+            assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all(), sampler
+    finally:
+        DDIM.__call__ = original
+    assert clipped == [False]  # DDIM(clip_x0=True) ran with the latent unclipped
+    with pytest.raises(ValueError, match="sampler.dynamic_percentile=0.995 thresholds pixel values"):
+        module.check_sampler(DDIM(steps=4, clip_x0=False, dynamic_percentile=0.995))
+    with pytest.raises(ValueError, match="classifier guidance needs a noise-aware classifier of this model's latents"):
+        module.sample(DDIM(steps=2), seeds=[0], labels=[1], classifier=torch.nn.Identity(), classifier_scale=1.0)

@@ -7,6 +7,8 @@ the non-finite-loss stop and the checkpoint's `difflab` section live here once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from typing import Any, Callable, Sequence
 
@@ -62,6 +64,18 @@ def check_latent_shape(net: nn.Module, latent_shape: tuple[int, int, int]) -> No
         raise ValueError(f"the first stage encodes images to latents of shape {latent_shape} (C, h, w), but the "
                          f"network takes in_channels={got[0]}, image_size={got[1]}; leave model.in_channels and "
                          "model.image_size to the first stage (difflab-train derives them)")
+
+
+def latent_sampler(sampler: Sampler) -> Sampler:
+    """The sampler as a latent model runs it: x0 is not clipped to [-1, 1] (latents are unbounded, unit
+    variance under scale_by_std; the decoded pixels are clipped on output); dynamic thresholding, a pixel-space
+    rule (Saharia et al. 2022), is refused by name."""
+    if getattr(sampler, "dynamic_percentile", None) is not None:
+        raise ValueError(f"sampler.dynamic_percentile={sampler.dynamic_percentile} thresholds pixel values; this is a "
+                         "latent diffusion model, whose x0 is a latent: set sampler.dynamic_percentile=null")
+    if getattr(sampler, "clip_x0", False):
+        return dataclasses.replace(sampler, clip_x0=False)
+    return sampler
 
 
 class TrainingModule(pl.LightningModule):
@@ -241,6 +255,8 @@ class TrainingModule(pl.LightningModule):
     def check_sampler(self, sampler: Sampler) -> None:
         """Refuse a sampler that cannot run on this model (callbacks call it before training starts)."""
         check_sampler_fits(sampler, self.schedule, self.model_variance)
+        if self.first_stage is not None:
+            latent_sampler(sampler)
 
     def sample(
         self,
@@ -267,6 +283,8 @@ class TrainingModule(pl.LightningModule):
         if classifier is not None and self.first_stage is not None:
             raise ValueError("classifier guidance needs a noise-aware classifier of this model's latents; difflab's "
                              "are trained on pixels: use classifier-free guidance (guidance_scale) on a latent model")
+        if self.first_stage is not None:
+            sampler = latent_sampler(sampler)
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
