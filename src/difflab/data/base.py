@@ -197,6 +197,11 @@ class ImageDataModule(pl.LightningDataModule):
     def _build_dataset(self) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} must implement _build_dataset()")
 
+    def full_dataset(self) -> Dataset:
+        """Every image of the data set in its stored order, before the train/val split (difflab-edit's source=name:i-j)."""
+        self.prepare_data()
+        return self._build_dataset()
+
     def setup(self, stage: str | None = None) -> None:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
