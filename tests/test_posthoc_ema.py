@@ -259,6 +259,12 @@ def test_exported_checkpoint_samples_bit_identically_to_the_reconstruction(strai
     a, b = (m.sample(sampler, [3, 4, 5]) for m in (reference, exported.module))
     assert torch.equal(a, b)
     assert not torch.equal(a, load_run(ckpt).module.sample(sampler, [3, 4, 5]))  # not the stored EMA
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    tracked_run(toy, (0.05, 0.10), steps=16, every=8)  # snapshots of another network
+    (other,) = reconstruct(read_snapshots(toy), [0.1])
+    with pytest.raises(ValueError, match=r"(?s)the EMA snapshots of .* does not fit this model.*missing in checkpoint"):
+        apply_to(reference, other, source=f"the EMA snapshots of {str(toy)!r}")
 
 
 def test_difflab_eval_sweeps_sigma_rel_with_the_same_seeds(straight, tmp_path):

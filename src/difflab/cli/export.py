@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.cli.config import config_path
 from difflab.cli.process_setup import setup_process
 from difflab.lit.checkpoint_io import AtomicCheckpointIO, load_run
-from difflab.lit.posthoc_ema import Reconstruction, export_contents, find_run, read_snapshots, reconstruct
+from difflab.lit.posthoc_ema import (Reconstruction, apply_to, export_contents, find_run, read_snapshots,
+                                     reconstruct)
 
 log = logging.getLogger("difflab")
 
@@ -75,6 +76,7 @@ def export(cfg: DictConfig) -> Path:
     if out.resolve().parent == Path(ckpt_path).resolve().parent and Path(ckpt_path).parent.name == "checkpoints":
         raise ValueError(f"out={str(out)!r} lies in the run's checkpoints/ folder, where ckpt_path=last would take it "
                          "for a resume point; write it elsewhere (default: <run dir>/posthoc_ema/)")
+    apply_to(run.module, rec, source=f"the EMA snapshots of {ckpt_path!r}")  # refuses another architecture
     contents = export_contents(run.checkpoint, run.config, rec)
     AtomicCheckpointIO().save_checkpoint(contents, out)
     print(f"post-hoc EMA sigma_rel={rec.sigma_rel:g} at step {rec.step} ({rec.snapshots} snapshots, weighting error "
