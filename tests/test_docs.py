@@ -40,7 +40,7 @@ FENCE = re.compile(r"^```[ \t]*(\S*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CONFIG_FILE = re.compile(r"^#\s*([\w.-]+(?:/[\w.-]+)+\.yaml)\b")  # "# my_configs/model/wide.yaml: ..."
 COMMANDS = {"difflab-train": "train", "difflab-sample": "sample", "difflab-eval": "eval",
-            "difflab-train-classifier": "train_classifier"}
+            "difflab-train-classifier": "train_classifier", "difflab-edit": "edit"}
 MODULES = {"difflab.cli.train": "train", "difflab.cli.sample": "sample", "difflab.cli.evaluate": "eval",
            "difflab.cli.train_classifier": "train_classifier"}
 INFO_KINDS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # hydra --info <kind>
@@ -309,6 +309,13 @@ def check_command(cmd: Command, paths: dict[str, Path]) -> None:
             sampler.validate(1000)
         check_precision(cfg.precision)
         find("resolve_extractor_kind", "difflab.metrics.build")(cfg.metrics.extractor, "digits")
+    elif cmd.config == "edit":  # the task / method names, the sampler if one is named, the precision
+        from difflab.cli.edit_inputs import METHODS, TASKS
+
+        assert cfg.task in TASKS and (cfg.method is None or cfg.method in METHODS[cfg.task]), (cfg.task, cfg.method)
+        if cfg.get("sampler") is not None:
+            instantiate(cfg.sampler, _convert_="all").validate(1000)
+        check_precision(cfg.precision)
     else:  # train_classifier: the data module; the classifier is built by its own tests
         instantiate(cfg.data)
 
