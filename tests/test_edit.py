@@ -66,6 +66,7 @@ def ckpts(tmp_path_factory):
 
     ae = random_autoencoder(root / "ae.ckpt")
     return {"ddpm": save_checkpoint(root / "ddpm.ckpt", "schedule.T=50"),
+            "rgb_cond": save_checkpoint(root / "rgb.ckpt", "schedule.T=50", "data.channels=3", "model.num_classes=auto"),
             "vp": save_checkpoint(root / "vp.ckpt", "experiment=digits_vpsde"),
             "latent": save_checkpoint(root / "ldm.ckpt", "schedule.T=50", "first_stage=ckpt",
                                       f"first_stage.ckpt_path={ae}", "model.attn_resolutions=[]")}
@@ -150,9 +151,26 @@ def test_sdedit_superres_and_the_score_inpainter(ckpts, tmp_path):
     low = run_edit(ckpts["ddpm"], tmp_path / "sr", "task=superres", "factor=4", "steps=4", "resamplings=1",
                    "source=digits:0-2")
     assert np.array_equal(low["images"][:, ::4, ::4], low["sources"][:, ::4, ::4]) and low["masks"].sum() == 3 * 4
+    ilvr = run_edit(ckpts["ddpm"], tmp_path / "ilvr", "task=superres", "method=ilvr", "steps=4", "source=digits:0-2")
+    blocks = lambda a: a.astype(float).reshape(3, 4, 2, 4, 2).mean((2, 4))  # noqa: E731 (2x2 block means)
+    assert np.abs(blocks(ilvr["images"]) - blocks(ilvr["sources"])).max() <= 0.5 and not ilvr["masks"].any()
     vp = run_edit(ckpts["vp"], tmp_path / "pc", "method=pc", "sampler=pc", "sampler.steps=3", "sampler.corrector=none",
                   "sampler.predictor=euler_maruyama", "source=digits:0-2", "mask=center_box")
     assert np.array_equal(vp["images"][vp["masks"]], vp["sources"][vp["masks"]])
+
+
+def test_colorize_keeps_the_grey_level_and_label_source_conditions_on_the_sources_classes(ckpts, tmp_path):
+    grey = load_digits_uint8()[0][:3].permute(0, 2, 3, 1).numpy()  # (3, 8, 8, 1): 1-channel sources
+    np.savez(tmp_path / "grey.npz", images=grey, labels=np.array([7, 1, 4]))
+    out = run_edit(ckpts["rgb_cond"], tmp_path / "c", "task=colorize", f"source={tmp_path / 'grey.npz'}", "steps=4",
+                   "resamplings=2", "jump_length=2", "label=source", "guidance_scale=2")
+    assert out["images"].shape == out["sources"].shape == (3, 8, 8, 3) and out["labels"].tolist() == [7, 1, 4]
+    assert out["masks"][..., 0].all() and not out["masks"][..., 1:].any()  # the grey coordinate of the colour basis
+    assert np.abs(out["images"].astype(float).mean(-1) - grey[..., 0]).max() <= 1.0  # to uint8 rounding
+    with pytest.raises(ValueError, match="label=source but the sources have no labels"):
+        np.savez(tmp_path / "nolabels.npz", images=grey)
+        run_edit(ckpts["rgb_cond"], tmp_path / "d", "task=colorize", f"source={tmp_path / 'nolabels.npz'}",
+                 "label=source")
 
 
 def test_a_latent_model_inpaints_in_latent_space(ckpts, tmp_path):

