@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.difflab-installed
 
-.PHONY: train test data sample bench bench-quality bench-deps gpu-wheels gpu-check clean-venv
+.PHONY: train test data sample edit bench bench-quality bench-deps gpu-wheels gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ data: $(STAMP)
 ## sample from a checkpoint: make sample CKPT=outputs/.../checkpoints/last.ckpt
 sample: $(STAMP)
 	$(BIN)/difflab-sample ckpt_path=$(CKPT) $(ARGS)
+
+## inpaint the right halves of 200 digits with RePaint (docs/editing.md): make edit CKPT=outputs/.../last.ckpt
+edit: $(STAMP)
+	$(BIN)/difflab-edit ckpt_path=$(CKPT) source=digits:0-199 mask=right_half $(ARGS)
 
 ## benchmarks against diffusers and denoising-diffusion-pytorch (sizes: BENCH_REPEATS=5, BENCH_THREADS=1, ...)
 bench: bench-deps
