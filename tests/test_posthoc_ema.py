@@ -27,7 +27,6 @@ from difflab.lit.posthoc_ema import apply_to, find_run, read_snapshots, reconstr
 from difflab.lit.power_ema import PowerEMA
 from difflab.samplers import DDIM
 from test_ddp import random_classifier
-from test_resume import cli
 
 
 # -- the mathematics ----------------------------------------------------------------------------------------
@@ -185,11 +184,21 @@ TRAIN = [
 ]
 
 
+def train_run(run_dir: Path, *extra: str) -> None:
+    """difflab-train's own function in this process (no interpreter start): TRAIN into run_dir."""
+    from difflab.cli.train import train
+
+    try:
+        train(composed("train", [*TRAIN, *extra, f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}"]))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("posthoc")
-    cli("difflab.cli.train", *TRAIN, f"hydra.run.dir={root / 'straight'}", cwd=root)
-    return root / "straight"
+    run_dir = tmp_path_factory.mktemp("posthoc") / "straight"
+    train_run(run_dir)
+    return run_dir
 
 
 def test_snapshots_hold_the_tracked_profiles_and_load_weights_only(straight):
@@ -218,7 +227,7 @@ def test_resume_mid_run_writes_the_same_snapshots_as_a_straight_run(straight, tm
         if int(p.stem[5:]) > 4:
             p.unlink()
     (run / "checkpoints" / "last.ckpt").unlink()
-    cli("difflab.cli.train", *TRAIN, "ckpt_path=last", f"hydra.run.dir={run}", cwd=tmp_path)
+    train_run(run, "ckpt_path=last")
     a, b = snapshot_steps(straight / "ema_snapshots"), snapshot_steps(run / "ema_snapshots")
     assert list(a) == list(b) == [2, 4, 6, 8]
     for step in a:
