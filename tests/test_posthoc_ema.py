@@ -343,3 +343,16 @@ def test_module_ema_composes_for_both_module_kinds_and_constant_is_unchanged(tmp
             build(["module.ema=power", "module.ema_sigma_rels=[0.05,0.4]"])
     finally:
         GlobalHydra.instance().clear()
+
+
+def test_resume_with_the_other_ema_kind_is_refused_by_name(straight):
+    from difflab.lit.from_config import build_module
+
+    try:
+        small = [o for o in TRAIN if o.startswith(("model.", "schedule."))]
+        module = build_module(composed("train", [f"paths.output_dir={straight}", *small]))  # module.ema=constant
+    finally:
+        GlobalHydra.instance().clear()
+    with pytest.raises(ValueError, match=r"was trained with module.ema=power, this run has module.ema=constant: the "
+                                         r"power-function EMA profiles average every step from the first"):
+        module.on_load_checkpoint(safe_load(straight / "checkpoints" / "last.ckpt"))

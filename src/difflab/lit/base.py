@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.sde import NoiseFamily
 from difflab.lit import resume
-from difflab.lit.power_ema import EMAKind, PowerEMA, check_ema_kind, check_sigma_rels
+from difflab.lit.power_ema import EMAKind, PowerEMA, check_ema_kind, check_resume_kind, check_sigma_rels
 from difflab.nets.first_stage import FirstStage, latent_moments
 from difflab.samplers.base import Callback, Sampler
 from difflab.samplers.edit import Edit
@@ -212,6 +212,8 @@ class TrainingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("difflab") or {}
+        check_resume_kind(self.ema_kind, checkpoint["state_dict"],
+                          source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}")
         resume.check_state_dict_fits(
             self.state_dict(), checkpoint["state_dict"], source=f"checkpoint {getattr(self._trainer, 'ckpt_path', None)}",
             produced_by=(stored.get("config") or {}).get("model"),

@@ -93,3 +93,13 @@ def _stored(tensor: Tensor) -> Tensor:
     """A CPU copy, floating point as float32 (integer buffers kept as they are)."""
     tensor = tensor.detach().to("cpu", copy=True)
     return tensor.float() if torch.is_floating_point(tensor) else tensor
+
+
+def check_resume_kind(ema: str, state_dict: dict[str, Any], *, source: str) -> None:
+    """A run resumes with the EMA kind it was trained with: power-function profiles average from step 1 on, so they
+    can neither start nor be dropped part-way through a run."""
+    stored = "power" if any(k.startswith("power_ema.") for k in state_dict) else "constant"
+    if stored != ema:
+        raise ValueError(f"{source} was trained with module.ema={stored}, this run has module.ema={ema}: the "
+                         "power-function EMA profiles average every step from the first, so resume with "
+                         f"module.ema={stored} (or start a new run)")
