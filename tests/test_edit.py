@@ -190,6 +190,7 @@ def test_a_latent_model_inpaints_in_latent_space(ckpts, tmp_path):
     (["task=paint"], ValueError, "task='paint' is not supported"),
     (["source=digits:5-2"], ValueError, "'5-2' of 'digits' is not an index or an increasing range"),
     (["source=nodata:0-3"], ValueError, "'nodata' is not a data config"),
+    (["label=3"], ValueError, "labels were given but this model is unconditional"),
 ])
 def test_bad_input_is_refused_by_name(ckpts, tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import numpy as np
@@ -33,6 +33,7 @@ from difflab.lit.checkpoint_io import LoadedRun, load_run
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
 from difflab.samplers.families import check_sampler_fits
+from difflab.samplers.generate import labels_tensor
 from difflab.samplers.inpaint import Inpaint, check_repaint, clamp_to_known
 
 log = logging.getLogger("difflab")
@@ -129,6 +130,7 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
                       factor=cfg.factor, jr=jr)
     n = plan.sources.shape[0]
     labels = edit_labels(cfg, sources.labels, n)
+    labels_tensor(labels, n, run.module.num_classes, torch.device("cpu"), for_classifier=False)  # all, now
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     stem = output_stem(cfg, method, sampler, n, jr)
     paths = {"npz": out_dir / f"{stem}.npz", "png": out_dir / f"{stem}.png"}
@@ -136,18 +138,23 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
         if p.exists():
             raise FileExistsError(f"{p} exists; difflab-edit overwrites nothing: choose another out_dir or seed")
     images = run_batches(cfg, run, sampler, plan, labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {} if labels is None and sources.labels is None else \
-        {"labels": np.asarray(labels if labels is not None else sources.labels)}
+    write_outputs(paths, cfg, images, plan, labels if labels is not None else sources.labels)
+    return paths
+
+
+def write_outputs(paths: dict[str, Path], cfg: DictConfig, images: torch.Tensor, plan: Plan,
+                  labels: Sequence[int] | torch.Tensor | None) -> None:
+    """<stem>.npz (images first, then sources, masks, labels when known, seeds; NHWC) and the comparison grid."""
+    paths["npz"].parent.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {} if labels is None else {"labels": np.asarray(labels)}
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
     np.savez(paths["npz"], images=nhwc(images), sources=nhwc(plan.sources), masks=nhwc(plan.masks),
-             **extra, seeds=np.arange(cfg.seed, cfg.seed + n))
+             **extra, seeds=np.arange(cfg.seed, cfg.seed + images.shape[0]))
     Image.fromarray(comparison_grid(plan, images, cfg.nrow, cfg.grid_max)).save(paths["png"])
     if isinstance(plan.edit, Inpaint):
         print(f"known-region max error: {known_error(plan, images):.3g} uint8 levels")
     for kind, p in paths.items():
         print(f"{kind}: {p}")
-    return paths
 
 
 @hydra.main(config_path=config_path(), config_name="edit", version_base="1.3")
