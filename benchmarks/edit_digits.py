@@ -39,7 +39,8 @@ MASKS = ("right_half", "center_box", "random_box", "strokes")
 ROWS = {
     "ddpm": [("replace ddpm-50", "ddpm-50", "repaint", 1, 1), ("repaint ddpm-50 j5 r5", "ddpm-50", "repaint", 5, 5),
              ("replace ddpm-250", "ddpm-250", "repaint", 1, 1), ("repaint ddpm-25 j5 r5", "ddpm-25", "repaint", 5, 5)],
-    "score": [("pc inpainter pc-200", "pc-200", "pc", 1, 1), ("repaint pc-100 j5 r3", "pc-100", "repaint", 5, 3)],
+    "score": [("pc inpainter pc-200", "pc-200", "pc", 1, 1), ("pc inpainter pc-290", "pc-290", "pc", 1, 1),
+              ("repaint pc-100 j5 r3", "pc-100", "repaint", 5, 3)],
 }
 
 
