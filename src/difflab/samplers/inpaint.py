@@ -128,11 +128,16 @@ def clamp_to_known(known: Known, x: Tensor, *, iterations: int = 100) -> Tensor:
     return x
 
 
-def check_repaint(levels: int, jump_length: int, resamplings: int) -> None:
-    """Refuse RePaint settings that do not fit a sampler of `levels` steps, naming what is allowed."""
+def check_jumps(jump_length: int, resamplings: int) -> None:
+    """RePaint's j and r must be integers >= 1."""
     for name, v in (("jump_length", jump_length), ("resamplings", resamplings)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1 (1 = no resampling)")
+
+
+def check_repaint(levels: int, jump_length: int, resamplings: int) -> None:
+    """Refuse RePaint settings that do not fit a sampler of `levels` steps, naming what is allowed."""
+    check_jumps(jump_length, resamplings)
     if resamplings > 1 and jump_length >= levels:
         raise ValueError(f"jump_length={jump_length} does not fit a sampler of {levels} steps: RePaint jumps back "
                          f"j < steps levels; use jump_length <= {levels - 1}, more steps, or resamplings=1")
@@ -169,7 +174,7 @@ class Inpaint:
     resamplings: int = 1
 
     def __post_init__(self) -> None:
-        check_repaint(10**9, self.jump_length, self.resamplings)
+        check_jumps(self.jump_length, self.resamplings)  # against the step count: when the sampler walks the path
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Inpaint:
         """fn applied to the known tensors (a device move, a batch slice)."""
