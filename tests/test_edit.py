@@ -213,7 +213,8 @@ def test_wrong_sizes_of_sources_and_masks_are_refused(ckpts, tmp_path):
 def test_the_console_script_runs(ckpts, tmp_path):
     script = Path(sys.executable).with_name("difflab-edit")
     proc = subprocess.run([str(script), f"ckpt_path={ckpts['ddpm']}", "source=digits:0-1", "mask=lines", "steps=3",
-                           "resamplings=1", f"out_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+                           "resamplings=1", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "known-region max error: 0 uint8 levels" in proc.stdout
     assert (tmp_path / "inpaint-repaint_lines_ddpm-3_n2_seed0.npz").is_file()
