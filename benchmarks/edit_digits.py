@@ -51,7 +51,8 @@ def scorer(n_ref: int | None = None) -> tuple[GenerativeMetrics, ClassifierExtra
         raise SystemExit(f"no digits classifier at {path}: {train_classifier_command('digits', 8, path)}")
     extractor = ClassifierExtractor(net=load_classifier(path), name=f"classifier_{path.stem}")
     metrics = GenerativeMetrics(extractor=extractor, metrics=["fid"])
-    data = DigitsDataModule(image_size=8, channels=1, batch_size=64, num_workers=0, val_fraction=0.1, seed=0, hflip=False)
+    data = DigitsDataModule(image_size=8, channels=1, batch_size=64, num_workers=0, val_fraction=0.1, seed=0,
+                            hflip=False)
     metrics.set_reference(shared_reference(data, extractor, dataset="digits", split="train",
                                            cache_dir=Path(cache_dir()) / "reference", num_images=n_ref))
     return metrics, extractor
@@ -92,7 +93,8 @@ def main() -> None:
             x = run.module.sample(sampler, range(args.n), edit=plan.edit)
             seconds = round(time.perf_counter() - t0, 1)
             per_step = sampler.nfe(run.module.schedule.T) // sampler.steps  # pc: predictor + corrector
-            row = {"mask": mask, "method": label, "nfe": repaint_nfe(sampler.steps, j, r) * per_step, "seconds": seconds,
+            row = {"mask": mask, "method": label, "nfe": repaint_nfe(sampler.steps, j, r) * per_step,
+                   "seconds": seconds,
                    **score(to_uint8(x), src.images, plan.masks, src.labels, metrics, extractor)}
             print(json.dumps(row), flush=True)
             results.append(row)
@@ -102,7 +104,8 @@ def main() -> None:
                                                                   indent=2))
     print("| mask | method | NFE | seconds | known err | FID | agree |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mask']} | {r['method']} | {r['nfe']} | {r['seconds']} | {r['known_err']} | {r['fid']} | {r['agree']} |")
+        cells = [r[k] for k in ("mask", "method", "nfe", "seconds", "known_err", "fid", "agree")]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

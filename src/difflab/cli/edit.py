@@ -93,7 +93,8 @@ def comparison_grid(plan: Plan, images: torch.Tensor, nrow: int | None, grid_max
     return grid_image(triples, 3 * per_row)
 
 
-def run_batches(cfg: DictConfig, run: LoadedRun, sampler: Sampler, plan: Plan, labels: list[int] | None) -> torch.Tensor:
+def run_batches(cfg: DictConfig, run: LoadedRun, sampler: Sampler, plan: Plan,
+                labels: list[int] | None) -> torch.Tensor:
     """Edited images uint8 (N, C, H, W), batch by batch; image i uses seed + i for all of its noise."""
     n, out = plan.sources.shape[0], []
     for start in range(0, n, cfg.batch_size):

@@ -85,8 +85,8 @@ def _from_npz(path: Path) -> Sources:
         raise ValueError(f"source={str(path)!r}: `images` must be uint8 (N, H, W, C) or (N, H, W); got "
                          f"{images.dtype} {images.shape}")
     images = torch.from_numpy(images if images.ndim == 4 else images[..., None]).permute(0, 3, 1, 2).contiguous()
-    return Sources(images=images, labels=None if labels is None else torch.as_tensor(labels, dtype=torch.int64).flatten(),
-                   name=path.stem)
+    labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64).flatten()
+    return Sources(images=images, labels=labels, name=path.stem)
 
 
 def _from_folder(root: Path, channels: int) -> Sources:

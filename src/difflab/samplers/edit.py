@@ -56,7 +56,8 @@ def _encode_each(encode: Encoder, images: Tensor, generators: Sequence[torch.Gen
 
 
 def latent_mask(mask: Tensor, latent_hw: tuple[int, int], channels: int) -> Tensor:
-    """A pixel mask (B, C, H, W) -> latent mask (B, c, h, w): known where the whole f x f block is known in every channel."""
+    """A pixel mask (B, C, H, W) -> latent mask (B, c, h, w): known where the whole f x f block is known in
+    every channel."""
     (H, W), (h, w) = mask.shape[-2:], latent_hw
     if H % h or W % w or H // h != W // w:
         raise ValueError(f"a {H}x{W} mask does not map onto {h}x{w} latents (need one integer factor)")
@@ -66,7 +67,7 @@ def latent_mask(mask: Tensor, latent_hw: tuple[int, int], channels: int) -> Tens
 
 
 def latent_edit(edit: Edit, encode: Encoder, generators: Sequence[torch.Generator]) -> Edit:
-    """The pixel-space edit for a latent model: sources encoded, masks pooled to latent blocks (see module docstring)."""
+    """The pixel-space edit for a latent model: sources encoded, masks pooled to latent blocks (module docstring)."""
     if isinstance(edit, SDEdit):
         return edit.map(lambda y: _encode_each(encode, y, generators))
     known = edit.known

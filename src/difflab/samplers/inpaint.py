@@ -39,7 +39,8 @@ Marginal = Callable[[float | int | Tensor | None], tuple[Tensor, Tensor]]
 
 
 def decorrelated_basis(channels: int = 3) -> Tensor:
-    """Orthonormal colour basis B (C, C) whose first column is (1, ..., 1)/sqrt(C): B^T x puts the grey level first (Song et al. 2021, App. I.3)."""
+    """Orthonormal colour basis B (C, C), first column (1, ..., 1)/sqrt(C): B^T x puts the grey level first
+    (Song et al. 2021, App. I.3)."""
     if channels != 3:
         raise ValueError(f"colorization needs a 3-channel (RGB) model; this model has {channels} channel(s)")
     s3, s6, s2 = math.sqrt(3.0), math.sqrt(6.0), math.sqrt(2.0)
@@ -62,7 +63,8 @@ class KnownPixels:
                              f"{tuple(self.values.shape)} and mask {tuple(self.mask.shape)} ({self.mask.dtype})")
         c = self.values.shape[1]
         if self.basis is not None and self.basis.shape != (c, c):
-            raise ValueError(f"colour basis of shape {tuple(self.basis.shape)} does not fit {c} channels; need ({c}, {c})")
+            raise ValueError(f"colour basis of shape {tuple(self.basis.shape)} does not fit {c} channels; "
+                             f"need ({c}, {c})")
 
     def _to_basis(self, x: Tensor) -> Tensor:
         return x if self.basis is None else torch.einsum("bihw,ij->bjhw", x, self.basis.to(x))
@@ -182,7 +184,8 @@ class Inpaint:
 
 
 def discrete_marginal(schedule: NoiseSchedule) -> Marginal:
-    """t -> (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer t; t < 0 or None is the data (Ho et al. 2020, Eq. 4)."""
+    """t -> (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer t; t < 0 or None is the data
+    (Ho et al. 2020, Eq. 4)."""
     def marginal(t):
         if t is None or int(t) < 0:
             return torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
@@ -216,7 +219,8 @@ class KnownGuide:
         return self.known.impose(x, alpha, sigma, noise)
 
     def renoise(self, x: Tensor, t: float | int | Tensor, u: float | int | Tensor) -> Tensor:
-        """A draw of q(x_u | x_t), u later than t: (alpha_u/alpha_t) x + sqrt(sigma_u^2 - (alpha_u/alpha_t)^2 sigma_t^2) z."""
+        """A draw of q(x_u | x_t), u later than t: (a_u/a_t) x + sqrt(s_u^2 - (a_u/a_t)^2 s_t^2) z with a = alpha,
+        s = sigma (Kingma et al. 2021, Eq. 4)."""
         (a_t, s_t), (a_u, s_u) = self.marginal(t), self.marginal(u)
         ratio = a_u / a_t
         std = (s_u**2 - ratio**2 * s_t**2).clamp(min=0).sqrt()

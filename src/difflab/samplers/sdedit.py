@@ -71,7 +71,8 @@ def scaled_sampler(sampler: Sampler, strength: float, levels: int | None = None)
 
 
 def start_point(family: NoiseSchedule | NoiseFamily, source: Tensor, x_T: Tensor) -> Tensor:
-    """What the sampler takes as x_T so that it starts at x_{t0} = alpha(t0) y + sigma(t0) x_T of the truncated family."""
+    """What the sampler takes as x_T to start at x_{t0} = alpha(t0) y + sigma(t0) x_T of the truncated family
+    (Meng et al. 2022, Alg. 1)."""
     if isinstance(family, NoiseSchedule):  # discrete samplers start at x_{T-1} = x_T itself (prior std 1)
         ab = family.alpha_bar[-1].to(source.device, torch.float64)
         return (ab.sqrt() * source.double() + (1 - ab).sqrt() * x_T.double()).to(x_T.dtype)
