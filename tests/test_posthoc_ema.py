@@ -356,3 +356,20 @@ def test_resume_with_the_other_ema_kind_is_refused_by_name(straight):
     with pytest.raises(ValueError, match=r"was trained with module.ema=power, this run has module.ema=constant: the "
                                          r"power-function EMA profiles average every step from the first"):
         module.on_load_checkpoint(safe_load(straight / "checkpoints" / "last.ckpt"))
+
+
+def test_optuna_searches_sigma_rel_post_hoc(straight, tmp_path):
+    """hparams_search=posthoc_ema: each trial reconstructs one sigma_rel and returns its FID to the sweeper."""
+    import yaml
+    from test_resume import cli
+
+    clf = random_classifier(tmp_path / "clf.ckpt")
+    cli("difflab.cli.evaluate", "-m", "hparams_search=posthoc_ema", f"ckpt_path={straight}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "num_samples=6", "batch_size=6", "samplers=[ddim-2]",
+        "metrics.extractor=classifier", f"metrics.classifier_ckpt={clf}", "metrics.names=[fid]",
+        "reference.num_images=64", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        "ema.max_error=0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert 0.02 <= best["best_params"]["ema.sigma_rel"] <= 0.3 and best["best_value"] >= 0
+    trials = [json.loads(p.read_text())["results"][0] for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert len(trials) == 2 and min(t["fid"] for t in trials) == pytest.approx(best["best_value"])
