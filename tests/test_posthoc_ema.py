@@ -158,6 +158,8 @@ def test_bad_targets_and_snapshots_are_refused_by_name(tmp_path):
         reconstruct(snapshots, [0.5])
     with pytest.raises(ValueError, match=r"ema.step=41 is not allowed.* span steps 8..40; give a step in 1..40"):
         reconstruct(snapshots, [0.1], step=41)
+    with pytest.raises(ValueError, match=r"ema.step=5: no EMA snapshot at or before it .*the first is at step 8"):
+        reconstruct(snapshots, [0.1], step=5)
     with pytest.raises(ValueError, match=r"ema.max_error=0 must be > 0"):
         reconstruct(snapshots, [0.1], max_error=0)
     other = safe_load(snapshots[1].path)

@@ -136,7 +136,8 @@ def solve(snapshots: Sequence[Snapshot], sigma_rels: list[float], step: int, max
     rows = [(i, k) for i, s in enumerate(snapshots) if 0 < s.step <= step and s.t > 0
             for k, sr in enumerate(s.sigma_rels) if profiles is None or any(math.isclose(sr, p) for p in profiles)]
     if not rows:
-        raise ValueError(f"no EMA snapshot profile at or before step {step} to reconstruct from")
+        raise ValueError(f"ema.step={step}: no EMA snapshot at or before it to reconstruct from (the first is at step "
+                         f"{snapshots[0].step}{'' if profiles is None else f', of the profiles {list(profiles)}'})")
     t_in = torch.tensor([snapshots[i].t for i, _ in rows], dtype=torch.float64)
     gamma_in = torch.tensor([snapshots[i].gammas[k] for i, k in rows], dtype=torch.float64)
     used = [s for s in snapshots if s.step <= step]
