@@ -286,10 +286,24 @@ def check_precision(name) -> None:
     find("autocast_dtype", "difflab.nets.inference")(name)  # raises on an unknown precision name
 
 
+def tiny_diffusers_vae(folder: Path, channels: int) -> Path:
+    """A randomly initialised diffusers AutoencoderKL saved with save_pretrained (f = 2)."""
+    import diffusers
+
+    path = folder / f"c{channels}"
+    if not (path / "config.json").is_file():
+        diffusers.AutoencoderKL(in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                layers_per_block=1, latent_channels=4, norm_num_groups=8).save_pretrained(path)
+    return path
+
+
 def check_command(cmd: Command, paths: dict[str, Path]) -> None:
     cfg = compose_command(cmd, paths)
     if cmd.config == "train":
         build_module = find("build_module", "difflab.lit.from_config", "difflab.cli.trainer_setup")
+        if (cfg.get("first_stage") or {}).get("kind") == "diffusers_vae":  # a tiny diffusers VAE stands in
+            cfg.first_stage.path = str(tiny_diffusers_vae(paths["run"].parent / "vae", int(cfg.data.channels)))
         if (cfg.get("first_stage") or {}).get("kind") == "ckpt":  # latent diffusion on the user's autoencoder
             from test_configs import small_autoencoder
 

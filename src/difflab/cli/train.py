@@ -22,7 +22,7 @@ from difflab.lit.checkpoint_io import check_resume_fits, checkpoint_step, load_f
 from difflab.lit.first_stage import describe_first_stage
 from difflab.lit.loggers import continue_loggers
 from difflab.cli.config import config_path, to_container
-from difflab.cli.feature_classifier import ensure_feature_classifier
+from difflab.cli.feature_classifier import callback_metrics_configs, ensure_callback_classifiers
 from difflab.cli.latent_cache import load_or_build_cache
 from difflab.cli.process_setup import setup_process
 from difflab.cli.runs import run_status
@@ -94,17 +94,9 @@ def resume_point(ckpt_path: str | None, run_dir: Path) -> tuple[str | None, int 
 
 
 def prepare_feature_classifier(cfg: DictConfig) -> None:
-    """Train the evaluation callback's feature classifier when it needs the default one and it is missing
-    (difflab.cli.feature_classifier); a bad trainer or callback setting still reports itself first."""
-    evaluation = (cfg.get("callbacks") or {}).get("evaluation")
-    metrics = evaluation.get("metrics") if evaluation else None
-    if not metrics or not all(k in metrics for k in ("dataset", "image_size", "cache_dir")):
-        return
-    ensure_feature_classifier(
-        extractor=metrics.get("extractor", "auto"), dataset=metrics.dataset, image_size=metrics.image_size,
-        cache_dir=metrics.cache_dir, classifier_ckpt=metrics.get("classifier_ckpt"),
-        data_dir=(cfg.get("paths") or {}).get("data_dir"), before_training=lambda: check_trainer_builds(cfg),
-    )
+    """Train the default feature classifier of every callback whose metrics need it (evaluation, rFID) when it is
+    missing (difflab.cli.feature_classifier); a bad trainer or callback setting still reports itself first."""
+    ensure_callback_classifiers(cfg, before_training=lambda: check_trainer_builds(cfg))
 
 
 def check_trainer_builds(cfg: DictConfig) -> None:
@@ -114,7 +106,8 @@ def check_trainer_builds(cfg: DictConfig) -> None:
     with open_dict(dry):
         dry.logger = None
         if dry.get("callbacks"):
-            dry.callbacks.evaluation = None
+            for name in callback_metrics_configs(dry):  # evaluation, reconstruction_fid: need the classifier
+                dry.callbacks[name] = None
     lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     level = lightning_info.level
     lightning_info.setLevel(logging.WARNING)  # the real Trainer says which devices it uses
