@@ -257,12 +257,13 @@ def test_ddp_ranks_agree_on_the_latent_scale_of_the_global_first_batch(tmp_path)
     assert scales[0] == scales[1] == pytest.approx(1 / z.std(unbiased=False).item(), rel=1e-5)
 
 
-def test_every_sampler_and_classifier_free_guidance_run_on_a_class_conditional_latent_model(vae_dir):
+def test_every_sampler_and_classifier_free_guidance_run_on_a_class_conditional_latent_model(tmp_path):
     """Latents are not clipped to [-1, 1] (clip_x0 is a pixel rule), outputs are decoded pixels; dynamic
     thresholding and classifier guidance are refused by name."""
     from difflab.samplers import DDPM, PFODE, DPMSolverPP, Heun
 
-    stage = build_first_stage({"kind": "diffusers_vae", "path": str(vae_dir)}, image_size=16, in_channels=1)
+    tiny_vae().save_pretrained(tmp_path / "vae")  # its own copy: another test deletes the shared one
+    stage = build_first_stage({"kind": "diffusers_vae", "path": str(tmp_path / "vae")}, image_size=16, in_channels=1)
     torch.manual_seed(1)
     net = UNet(image_size=8, in_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                dropout=0.0, num_classes=3)
