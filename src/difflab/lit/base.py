@@ -8,7 +8,6 @@ the non-finite-loss stop and the checkpoint's `difflab` section live here once.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from typing import Any, Callable, Sequence
 
