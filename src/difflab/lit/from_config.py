@@ -222,3 +222,20 @@ def sampler_from_config(config: Mapping[str, Any], *, source: str) -> Any:
     if not target.startswith("difflab.samplers."):
         raise ValueError(f"{source}: sampler._target_={target!r} is not allowed; it must name a class in difflab.samplers.*")
     return instantiate(OmegaConf.create(dict(config)), _convert_="all")
+
+
+def text_encoder_from_config(cfg: DictConfig | Mapping[str, Any]) -> nn.Module | None:
+    """The text encoder `cfg.text_encoder` names (None: no text conditioning); a difflab.nets.text.* class only,
+    and text_encoder=clip refused without a text_encoder.path before anything loads."""
+    config = cfg.get("text_encoder")
+    if not config:
+        return None
+    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    target = str(config.get("_target_", ""))
+    if not target.startswith("difflab.nets.text."):  # a stored config picks what gets called: text encoders only
+        raise ValueError(f"text_encoder._target_={target!r} is not allowed; it must name a class in difflab.nets.text.* "
+                         "(text_encoder=scratch or clip)")
+    if "path" in config and (not config["path"] or config["path"] == "???"):
+        raise ValueError("text_encoder=clip needs text_encoder.path=<a local folder with a CLIP text model: config.json, "
+                         "weights, and vocab.json + merges.txt or tokenizer.json>")
+    return instantiate(OmegaConf.create(config), _convert_="all")
