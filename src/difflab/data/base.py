@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from difflab.data.captioned import CaptionedView
+from difflab.data.captions import phrasings_by_label
 from difflab.data.latents import LatentDataset, collate_latents
 from difflab.data.transforms import BatchToModelRange, check_channels
 
@@ -71,12 +73,14 @@ class EpochPermutationSampler(DistributedSampler):
     end-of-epoch checkpoint is one ahead of trainer.current_epoch, the right one in both cases.
     With hflip it yields (index, flip) keys, which FlipKeyedView turns into flipped images: the
     flips are then the same whatever the worker count, the prefetching, or where a run resumed.
+    With epoch_keys (captions) it yields (index, flip, epoch) keys (flip False without hflip), which
+    CaptionedView reads.
     """
 
     def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, hflip: bool = False,
-                 epoch_of: Callable[[], int] | None = None) -> None:
+                 epoch_of: Callable[[], int] | None = None, epoch_keys: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.epoch_of, self.hflip = epoch_of, hflip
+        self.epoch_of, self.hflip, self.epoch_keys = epoch_of, hflip, epoch_keys
         self._resume: tuple[int, int] | None = None  # (epoch, images of it already seen by all ranks)
 
     def resume(self, epoch: int, images: int) -> None:
@@ -98,10 +102,12 @@ class EpochPermutationSampler(DistributedSampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
         order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]
         mine = order[self.rank: self.total_size: self.num_replicas][start:].tolist()
-        if not self.hflip:
+        if not self.hflip and not self.epoch_keys:
             return iter(mine)
-        flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist()  # the same stream, after the order
-        return iter([(i, flips[i]) for i in mine])
+        flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist() if self.hflip else None  # after the order
+        if not self.epoch_keys:
+            return iter([(i, flips[i]) for i in mine])
+        return iter([(i, bool(flips and flips[i]), self.epoch) for i in mine])
 
 
 class FlipKeyedView(Dataset):
@@ -164,6 +170,7 @@ class ImageDataModule(pl.LightningDataModule):
     """Base of all difflab DataModules; yields (x float32 (B, C, H, W) in [-1, 1], y int64 (B,))."""
 
     num_classes: ClassVar[int | None] = None
+    caption_set: ClassVar[str | None] = None  # the class captions (data/captions.py) data.captions=true uses
 
     # the options of every dataset, set from conf/data/<name>.yaml; only pin_memory, which no
     # dataset decides, has a default
@@ -175,6 +182,7 @@ class ImageDataModule(pl.LightningDataModule):
     seed: int  # fixes the train/val split
     hflip: bool  # random horizontal flip, training batches only
     pin_memory: bool | None = None  # None: True when CUDA is available
+    captions: bool = False  # True: batches (images, labels, captions list[str]) (data/captions.py)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -189,6 +197,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self._train_latents: LatentDataset | None = None  # cached first-stage moments (latent diffusion)
+        self._phrasings: dict[str, list[tuple[str, ...]]] = {}  # per split, per index: its phrasings (captions)
         self._world_size, self._rank = 1, 0
         self.device_batch_size = self.batch_size  # batch_size / world size once a Trainer sets us up
         # the train permutation's seed: the run's seed (set by seed_everything) else the split seed
@@ -216,7 +225,25 @@ class ImageDataModule(pl.LightningDataModule):
         )
         if len(train_idx) < self.batch_size:
             self._fit_batch_to(len(train_idx), len(full))
+        if self.captions:  # read (and checked) here, before any training
+            phrasings = self._caption_phrasings(full)
+            self._phrasings = {"train": [phrasings[i] for i in train_idx], "val": [phrasings[i] for i in val_idx]}
         self._train, self._val = Subset(full, train_idx), Subset(full, val_idx)
+
+    def _caption_phrasings(self, full: Dataset) -> list[tuple[str, ...]]:
+        """Per image of the full data set, the phrasings its training caption is drawn from."""
+        labels = getattr(full, "labels", None)
+        if self.caption_set is None or labels is None:
+            raise ValueError(f"data.captions=true is not supported by {type(self).__name__}; allowed: digits, mnist, "
+                             "fashion_mnist (captions from class names) and image_folder (sidecar caption files)")
+        return phrasings_by_label(self.caption_set, labels.tolist())
+
+    def split_phrasings(self, split: Literal["train", "val"] = "train") -> list[tuple[str, ...]]:
+        """Per index of a split, the phrasings its caption is drawn from (data.captions=true only)."""
+        self._setup_standalone()
+        if not self.captions:
+            raise ValueError(f"{type(self).__name__} was built with captions=false; set data.captions=true")
+        return self._phrasings[split]
 
     def _fit_batch_to(self, n_train: int, n_total: int) -> None:
         """A train split smaller than batch_size (a first try on a few own images): one batch of the whole
@@ -285,10 +312,15 @@ class ImageDataModule(pl.LightningDataModule):
         latent = isinstance(dataset, LatentDataset)  # (index, flip) keys are read by the cache itself
         sampler = EpochPermutationSampler(
             dataset, num_replicas=self._world_size, rank=self._rank, seed=self.shuffle_seed, hflip=self.hflip,
-            epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
+            epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None, epoch_keys=self.captions,
         ) if train else None
+        view = FlipKeyedView(dataset) if train and self.hflip and not latent else dataset
+        if self.captions:  # (images, labels, captions): by (shuffle_seed, epoch, index) in training, fixed in val
+            self._setup_standalone()
+            view = CaptionedView(view, self._phrasings["train" if train else "val"], flip_keys=train and self.hflip,
+                                 seed=self.shuffle_seed if train else self.seed)
         loader = (ResumableLoader if train else DataLoader)(
-            FlipKeyedView(dataset) if train and self.hflip and not latent else dataset,
+            view,
             batch_size=self.device_batch_size,
             sampler=sampler,
             shuffle=False,

@@ -37,6 +37,7 @@ class DigitsDataModule(ImageDataModule):
     """sklearn digits resized (bilinear, antialiased) to image_size; 10 classes."""
 
     num_classes = 10
+    caption_set = "digits"  # data.captions=true: "a handwritten seven", "the digit 7", ...
 
     def _build_dataset(self) -> Dataset:
         images, labels = load_digits_uint8()

@@ -3,6 +3,7 @@
 Images are decoded lazily per batch (folders can be large; num_workers decode in parallel).
 `in_memory=True` decodes every image once in setup and keeps uint8 (N, C, H, W) in memory,
 the fast path for small folders: about N * C * image_size**2 bytes.
+`captions=True` reads each image's captions from sidecar files in setup (data/caption_files.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.data.base import ImageDataModule
+from difflab.data.caption_files import read_caption_files
 from difflab.data.image_files import (
     ImageFileIndex,
     ImageFiles,
@@ -57,6 +59,10 @@ class ImageFolderDataModule(ImageDataModule):
         check_images_open(self.index.paths)
         files = ImageFiles(index=self.index, image_size=self.image_size, channels=self.channels)
         return _decode_all(files) if self.in_memory else files
+
+    def _caption_phrasings(self, full: Dataset) -> list[tuple[str, ...]]:
+        """Per image, its captions from `<image>.txt` / root/captions.jsonl (data/caption_files.py)."""
+        return read_caption_files(self.root, self.index.paths)
 
 
 def _decode_all(files: ImageFiles) -> InMemoryImages:

