@@ -269,6 +269,22 @@ def clip_folders(path: str | Path) -> tuple[Path, Path]:
     return model_dir, token_dir
 
 
+def load_clip_text_model(cls: Any, model_dir: Path, path: str | Path) -> nn.Module:
+    """CLIPTextModel.from_pretrained(model_dir) frozen in eval mode; refuses missing weights or weights that
+    leave text-model parameters uninitialised (transformers would fill them at random)."""
+    try:
+        model, info = cls.from_pretrained(str(model_dir), local_files_only=True, output_loading_info=True)
+    except OSError as err:
+        raise FileNotFoundError(f"text_encoder.path={str(path)!r}: no CLIP text model weights could be read from "
+                                f"{model_dir} ({err}); expected model.safetensors or pytorch_model.bin beside "
+                                "config.json") from err
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(f"text_encoder.path={str(path)!r}: the weights in {model_dir} lack {len(missing)} parameters "
+                         f"of the CLIP text model (e.g. {missing[0]!r}); they hold no CLIP text model")
+    return model.eval().requires_grad_(False)
+
+
 class CLIPTextEncoder(TextEncoder):
     """A frozen pretrained CLIP text transformer (Radford et al. 2021) from a local folder through transformers:
     tokens = last_hidden_state (B, L, hidden_size), pooled = pooler_output (the end-of-text token's state).
@@ -287,7 +303,7 @@ class CLIPTextEncoder(TextEncoder):
             raise ValueError(f"cache_size={cache_size!r} is not allowed; it must be an integer >= 0 (0: no cache)")
         model_dir, token_dir = clip_folders(path)
         self.path = str(path)
-        self.model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True).eval().requires_grad_(False)
+        self.model = load_clip_text_model(CLIPTextModel, model_dir, path)
         limit = int(self.model.config.max_position_embeddings)
         context_length = limit if context_length is None else context_length
         if isinstance(context_length, bool) or not isinstance(context_length, int) or not 2 <= context_length <= limit:
