@@ -62,6 +62,13 @@ def pixel_budget(count: int, at_size: int, image_size: int, minimum: int = 1) ->
     return min(int(count), max(int(minimum), scaled))
 
 
+def distill_steps(start_steps: int, end_steps: int, steps_per_round: int) -> int:
+    """${difflab_distill_steps:start,end,per_round}: a progressive distillation's optimizer steps, rounds x per_round."""
+    from difflab.diffusion.distillation import check_progressive_steps
+
+    return check_progressive_steps(int(start_steps), int(end_steps), 1 << 30) * int(steps_per_round)
+
+
 def wandb_offline() -> bool:
     """True unless W&B credentials exist (WANDB_API_KEY or a ~/.netrc entry) or WANDB_MODE says online."""
     mode = os.environ.get("WANDB_MODE", "").lower()
@@ -102,7 +109,8 @@ def register_resolvers() -> None:
 
     for name, fn in (("difflab_wandb_offline", wandb_offline), ("difflab_run_name", run_name),
                      ("difflab_sweep_group", sweep_group), ("difflab_cache_dir", cache_dir),
-                     ("difflab_downsampled", downsampled), ("difflab_pixel_budget", pixel_budget)):
+                     ("difflab_downsampled", downsampled), ("difflab_pixel_budget", pixel_budget),
+                     ("difflab_distill_steps", distill_steps)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     # cached like ${now:}: Hydra copies the cache into every job of a sweep (and submitit pickles it),

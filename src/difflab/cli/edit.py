@@ -26,13 +26,12 @@ from difflab.callbacks.sample_grid import grid_image
 from difflab.cli.config import config_path
 from difflab.cli.edit_inputs import Plan, build_plan, check_task, load_sources
 from difflab.cli.process_setup import setup_process
-from difflab.cli.sample import _task_overrides, choose_sampler, resolve_device, sample_labels
+from difflab.cli.sample import _task_overrides, choose_sampler, resolve_device, sample_labels, sampler_line
 from difflab.cli.sampler_specs import build_sampler
 from difflab.data.transforms import to_model_range, to_uint8
 from difflab.lit.checkpoint_io import LoadedRun, load_run
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
-from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.generate import labels_tensor
 from difflab.samplers.inpaint import Inpaint, check_repaint, clamp_to_known
 
@@ -121,7 +120,7 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     method = check_task(cfg.task, cfg.get("method"), family=run.family, channels=channels,
                         latent=run.module.first_stage is not None, factor=cfg.factor)
     sampler = edit_sampler(cfg, run, method)
-    check_sampler_fits(sampler, run.module.schedule, run.module.model_variance)
+    run.module.check_sampler(sampler)  # a distilled student: its native sampler only
     jr = (cfg.jump_length or DEFAULT_JR.get(method, (1, 1))[0], cfg.resamplings or DEFAULT_JR.get(method, (1, 1))[1])
     if method != "sdedit":
         check_repaint(sampler_levels(sampler, run.module.schedule.T), *jr)
@@ -138,6 +137,8 @@ def edit(cfg: DictConfig) -> dict[str, Path]:
     for p in paths.values():
         if p.exists():
             raise FileExistsError(f"{p} exists; difflab-edit overwrites nothing: choose another out_dir or seed")
+    print(sampler_line(sampler, run.module.schedule.T,
+                       guided=labels is not None and float(cfg.guidance_scale) not in (0.0, 1.0)))
     images = run_batches(cfg, run, sampler, plan, labels)
     write_outputs(paths, cfg, images, plan, labels if labels is not None else sources.labels)
     return paths

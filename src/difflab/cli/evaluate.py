@@ -27,9 +27,10 @@ from difflab.data.transforms import to_model_range
 from difflab.diffusion.likelihood import bits_per_dim
 from difflab.diffusion.ode_likelihood import ode_bits_per_dim
 from difflab.diffusion.schedules import NoiseSchedule
-from difflab.lit.checkpoint_io import load_classifier, load_run
+from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_run
 from difflab.lit.posthoc_ema import apply_to
 from difflab.metrics.build import build_metrics
+from difflab.metrics.distillation_report import joint_table, plot_models_vs_nfe
 from difflab.metrics.evaluation import check_guidance_scales, evaluate_samplers
 from difflab.metrics.reference import shared_reference
 from difflab.metrics.reports import METRIC_KEYS, format_table, write_results
@@ -126,8 +127,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # on the CPU first: a missing feature classifier is trained before any process group exists
     run = load_run(ckpt_path)
     module, run_cfg = run.module, OmegaConf.create(run.config)
+    if hasattr(module, "native_samplers") and not _samplers_named():  # a student: its own samplers and steps
+        samplers = {s.name: s for s in module.native_samplers()}
     for s in samplers.values():
         module.check_sampler(s)
+    students = load_students(cfg.get("students") or [], run_cfg)  # checked before any sampling
     check_guidance_scales(guidance_scales, module.num_classes)
     if cfg.bpd.num_images > 0:
         bpd_method(cfg.bpd.get("method", "auto"), module)
@@ -157,6 +161,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             num_classes=module.num_classes, precision=cfg.precision), rec)
         bpd_here = rank == 0 and (rec is None or bool(cfg.ema.get("bpd", False)))  # per sigma_rel: opt-in (T calls each)
         likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if bpd_here else None)
+    if students:  # the same seeds, reference statistics and metrics for every student, at its native steps
+        rows = [{"model": "teacher", **r} for r in rows]
+        for student in students:
+            rows += student_rows(student, metrics, cfg, rank=rank, world=world, device=device,
+                                 guidance_scales=guidance_scales)
     out_dir = broadcast(str(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir), world)
     result = {"results": rows, "world_size": world}
     if rank == 0:
@@ -169,6 +178,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             extra["posthoc_ema"] = [r.info() for r in reconstructions]
         paths = write_results(rows, Path(out_dir), "metrics", extra)
         print(format_table(rows))
+        if students:  # the teacher-vs-students table and plot (FID / IS / P / R vs NFE, distillation cost)
+            paths["students"] = Path(out_dir) / "teacher_vs_students_vs_nfe.png"
+            plot_models_vs_nfe(rows, paths["students"])
+            print(joint_table(rows))
         for tag, lk in ((result["likelihood"] or {}).items() if posthoc else [("", result["likelihood"])]):
             if lk:
                 print(f"{'sigma_rel=' + tag + ': ' if tag else ''}bits/dim: {lk['bpd']:.4f} ± {lk['bpd_stderr']:.4f} "
@@ -178,6 +191,47 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if world > 1:
         dist.barrier()
     return result
+
+
+def _samplers_named() -> bool:
+    """Whether this command named samplers= (else a student is scored with its own native samplers)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return any(o.split("=")[0].lstrip("+~") == "samplers" for o in task)
+
+
+def load_students(paths: list[str], teacher_cfg: DictConfig) -> list[LoadedRun]:
+    """students=[...]: distilled students' checkpoints (experiment=digits_distill | digits_consistency) on the
+    teacher's data, each refused by name otherwise, before any sampling."""
+    out = []
+    for i, path in enumerate(paths):
+        student = load_run(path, name=f"students[{i}]")
+        if not hasattr(student.module, "native_samplers"):
+            raise ValueError(f"students[{i}]={str(path)!r} is not a distilled student (module="
+                             f"{student.config.get('module', {}).get('_target_')}); list checkpoints of "
+                             "experiment=digits_distill or digits_consistency runs")
+        data = student.config.get("data") or {}
+        if (student.config.get("data_name"), data.get("image_size")) != (teacher_cfg.data_name, teacher_cfg.data.image_size):
+            raise ValueError(f"students[{i}]={str(path)!r} was distilled on data={student.config.get('data_name')} "
+                             f"({data.get('image_size')} px), the checkpoint is a {teacher_cfg.data_name} model "
+                             f"({teacher_cfg.data.image_size} px); compare students of this teacher")
+        out.append(student)
+    return out
+
+
+def student_rows(student: LoadedRun, metrics, cfg: DictConfig, *, rank: int, world: int, device: torch.device,
+                 guidance_scales: list[float] | None) -> list[dict[str, Any]]:
+    """A student's rows at its native samplers, labelled with its method, checkpoint and distillation seconds."""
+    module = student.module.to(device)
+    info = (student.checkpoint.contents.get("difflab") or {}).get("distillation") or {}
+    rows = evaluate_samplers(
+        module, {s.name: s for s in module.native_samplers()}, metrics, T=module.schedule.T,
+        num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+        use_ema=cfg.use_ema, guidance_scales=guidance_scales if module.num_classes else None,
+        num_classes=module.num_classes, precision=cfg.precision)
+    return [{"model": module.method, **r, "distill_seconds": info.get("seconds"),
+             "student_checkpoint": str(student.checkpoint.path)} for r in rows]
 
 
 def optimized_value(rows: list[dict[str, Any]], name: str | None) -> float | None:

@@ -21,7 +21,7 @@ from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_run
 from difflab.lit.from_config import sampler_from_config
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
-from difflab.samplers.families import check_sampler_fits, default_sampler_name
+from difflab.samplers.families import default_sampler_name
 from difflab.samplers.generate import Guidance, labels_tensor
 
 log = logging.getLogger("difflab")
@@ -72,6 +72,15 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
     return stem
 
 
+def sampler_line(sampler: Sampler, T: int, *, guided: bool = False) -> str:
+    """'sampler: ddim-4 (DDIM, 4 steps, spacing=trailing), NFE 4 per image': what every sampling command prints first."""
+    steps = getattr(sampler, "steps", None)
+    extra = ", ".join(f"{k}={getattr(sampler, k)}" for k in ("spacing", "eta") if getattr(sampler, k, None) not in (None, 0.0))
+    what = ", ".join(p for p in (type(sampler).__name__, None if steps is None else f"{steps} steps", extra) if p)
+    nfe = sampler.nfe(T) * (2 if guided else 1)
+    return f"sampler: {sampler.name} ({what}), NFE {nfe} per image{' (guided: 2 calls a step)' if guided else ''}"
+
+
 def _task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -112,8 +121,9 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     run = load_run(cfg.ckpt_path, device)
     module = run.module
     sampler = choose_sampler(cfg, run)
-    check_sampler_fits(sampler, module.schedule, module.model_variance)
+    module.check_sampler(sampler)  # a distilled student accepts only its native sampler and steps
     kwargs = guidance_kwargs(cfg, module, device)
+    print(sampler_line(sampler, module.schedule.T, guided=labels is not None and kwargs["guidance_scale"] not in (0, 1)))
     # every label checked now, not when its batch comes
     labels_tensor(labels, cfg.num_samples, module.num_classes, device, for_classifier="classifier" in kwargs)
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)

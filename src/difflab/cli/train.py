@@ -19,6 +19,7 @@ from difflab.cli.trainer_setup import build_trainer
 from difflab.lit.from_config import build_module, first_stage_from_config, with_latent_model
 from difflab.cli.cluster import slurm_job_id
 from difflab.lit.checkpoint_io import check_resume_fits, checkpoint_step, load_first_stage, newest_checkpoint, remove_stale_temporaries
+from difflab.lit.distillation import attach_teacher
 from difflab.lit.first_stage import describe_first_stage
 from difflab.lit.loggers import continue_loggers
 from difflab.cli.config import config_path, to_container
@@ -47,6 +48,8 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
                 first_stage, datamodule, data_name=str(cfg.data_name), cache_dir=cfg.paths.cache_dir,
                 cache_path=cfg.first_stage.get("cache_path"), device=device))
             module.cached_latents = True
+    # distillation: the teacher's weights into the student (refused by name unless both fit)
+    attach_teacher(module, (cfg.get("teacher") or {}).get("ckpt_path"), module.run_config)
     prepare_feature_classifier(cfg)  # trained on first use, before the evaluation callback is built
     ckpt_path, resume_step = resume_point(cfg.ckpt_path, Path(cfg.paths.output_dir))
     if ckpt_path is not None and Path(ckpt_path).is_file():

@@ -256,6 +256,9 @@ class TrainingModule(pl.LightningModule):
     def check_sampler(self, sampler: Sampler) -> None:
         """Refuse a sampler that cannot run on this model (callbacks call it before training starts)."""
         check_sampler_fits(sampler, self.schedule, self.model_variance)
+        if getattr(sampler, "needs_consistency_model", False) and not hasattr(self, "sample_steps"):
+            raise ValueError(f"sampler {sampler.name!r} needs a consistency model (difflab-train experiment=digits_consistency "
+                             "teacher.ckpt_path=...); this checkpoint is a diffusion model: use ddim, heun, dpmpp or ddpm")
         if self.first_stage is not None:
             latent_sampler(sampler)
 
@@ -280,6 +283,7 @@ class TrainingModule(pl.LightningModule):
         train/eval mode back whatever happens, a refused call included. `edit` (samplers/edit.py: Inpaint,
         SDEdit) conditions on known pixels, one pixel-space image per seed (a latent model encodes them).
         """
+        self.check_sampler(sampler)  # a distilled student accepts only its native samplers
         guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
         if classifier is not None and self.first_stage is not None:
             raise ValueError("classifier guidance needs a noise-aware classifier of this model's latents; difflab's "

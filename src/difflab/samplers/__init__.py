@@ -1,6 +1,7 @@
 """Samplers: pure functions over model_fn(x_t, t), small config objects Hydra instantiates, and generate(), the one sampling path."""
 
 from difflab.samplers.base import DenoiserSampler, Sampler, SamplerBase, dynamic_threshold, predict, predict_x0_eps, reverse_loop
+from difflab.samplers.consistency import Consistency, consistency_sample
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
 from difflab.samplers.generate import Guidance  # generate(): from difflab.samplers.generate (a name here would hide the module)
@@ -12,6 +13,8 @@ from difflab.samplers.solvers import DPMSolverPP, Heun, dpmpp_2m_sample, edm_heu
 
 __all__ = [
     "ALD",
+    "Consistency",
+    "consistency_sample",
     "DenoiserSampler",
     "Guidance",
     "SamplerBase",

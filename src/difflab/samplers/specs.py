@@ -19,7 +19,7 @@ from typing import Any
 
 _NUM = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 SPECS_HELP = ("ddpm[-<steps>][-large], ddim-<steps>[-eta<eta>], heun-<steps>[-churn<S>], dpmpp-<steps>, "
-              "ode[-tol<tol>], pc-<steps>[-rd|-em|-anc] (the predictor), ald-<steps per level>, or a bare "
+              "ode[-tol<tol>], pc-<steps>[-rd|-em|-anc] (the predictor), ald-<steps per level>, consistency-<steps>, or a bare "
               "sampler config name (ddim, heun, ...)")
 PREDICTORS = {"rd": "reverse_diffusion", "em": "euler_maruyama", "anc": "ancestral"}
 
@@ -31,6 +31,7 @@ _SPECS: list[tuple[str, re.Pattern[str]]] = [
     ("ode", re.compile(rf"^ode(?:-tol(?P<tol>{_NUM}))?$")),
     ("pc", re.compile(r"^pc-(?P<steps>\d+)(?:-(?P<predictor>rd|em|anc))?$")),
     ("ald", re.compile(r"^ald-(?P<n_steps_each>\d+)$")),
+    ("consistency", re.compile(r"^consistency-(?P<steps>\d+)$")),
 ]
 _BARE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
