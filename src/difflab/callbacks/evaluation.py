@@ -60,10 +60,18 @@ class Evaluation(pl.Callback):
         self.reference_split, self.reference_images = reference_split, reference_images
         self.precision = precision  # sampling precision: None float32, bf16-mixed / 16-mixed autocast
         self._last_step = -1
+        self.prompt_sets: dict[str, list[list[str]]] | None = None  # set in setup for a text model
         self.history: list[dict[str, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_guidance_scales(self.guidance_scales, getattr(pl_module, "num_classes", None))
+        self.prompt_sets = None  # a text model is scored on its data's class prompts (training and held-out phrasings)
+        if getattr(pl_module, "is_text_model", False):
+            self.prompt_sets = getattr(trainer.datamodule, "class_prompt_sets", lambda: None)()
+            if self.prompt_sets is None:
+                raise ValueError("callbacks.evaluation scores a text-to-image model by class prompts, which this data "
+                                 "has none of (digits, mnist, fashion_mnist have); set callbacks.evaluation=null")
+        else:
+            check_guidance_scales(self.guidance_scales, getattr(pl_module, "num_classes", None))
         for sampler in self.samplers.values():
             pl_module.check_sampler(sampler)
         self.metrics.to(pl_module.device)
@@ -89,6 +97,7 @@ class Evaluation(pl.Callback):
             batch_size=self.batch_size, seed=self.seed, rank=trainer.global_rank,
             world_size=trainer.world_size, use_ema=self.use_ema, guidance_scales=self.guidance_scales,
             num_classes=getattr(pl_module, "num_classes", None), precision=self.precision,
+            prompt_sets=self.prompt_sets,
         )
         for r in rows:
             r["step"] = step

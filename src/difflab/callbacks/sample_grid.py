@@ -47,8 +47,9 @@ def gather_samples(
     use_ema: bool,
     labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    prompts: list[str] | None = None,
 ) -> torch.Tensor:
-    """uint8 samples (n, C, H, W) for seeds seed..seed+n-1 (labels[i] for sample i), each rank drawing its block."""
+    """uint8 samples (n, C, H, W) for seeds seed..seed+n-1 (labels[i] or prompts[i] for sample i), each rank drawing its block."""
     world, rank = trainer.world_size, trainer.global_rank
     block = shard(n, rank, world)
     # a rank with an empty block still draws one image: all_gather needs the same shape everywhere
@@ -58,6 +59,9 @@ def gather_samples(
     if labels is not None:
         padded_labels = torch.cat([labels, labels[-1:].expand(max(0, stop - n))])
         kwargs = {"labels": padded_labels[block.start: stop], "guidance_scale": guidance_scale}
+    if prompts is not None:
+        padded_prompts = prompts + prompts[-1:] * max(0, stop - n)
+        kwargs = {"prompts": padded_prompts[block.start: stop], "guidance_scale": guidance_scale}
     local = to_uint8(pl_module.sample(sampler, seeds, use_ema=use_ema, **kwargs))  # (len(seeds), C, H, W)
     if world == 1:
         return local[: len(block)]
@@ -73,7 +77,8 @@ class SampleGrid(pl.Callback):
 
     For a class-conditional model (pl_module.num_classes set) with per_class=True the grid has one
     row per class, num_samples // num_classes images each, drawn with classifier-free guidance
-    scale `guidance_scale` (0 unconditional, 1 conditional, > 1 guided).
+    scale `guidance_scale` (0 unconditional, 1 conditional, > 1 guided). A text-to-image model on data with
+    class captions gets the same rows, each drawn from a prompt of its class (its first training phrasing).
     """
 
     def __init__(
@@ -114,13 +119,20 @@ class SampleGrid(pl.Callback):
         """Called on every rank (the gather is a collective); only rank zero writes and logs."""
         step = self._last_step = trainer.global_step
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        n, labels, nrow = self.num_samples, None, None
+        n, labels, nrow, prompts = self.num_samples, None, None, None
         num_classes = getattr(pl_module, "num_classes", None)
         if num_classes and self.per_class:  # one row per class
             nrow = max(1, self.num_samples // num_classes)
             n, labels = nrow * num_classes, torch.arange(num_classes).repeat_interleave(nrow)
+        elif getattr(pl_module, "is_text_model", False):  # one row per class prompt (or the empty prompt)
+            sets = getattr(trainer.datamodule, "class_prompt_sets", lambda: None)() if trainer.datamodule else None
+            first = [phrasings[0] for phrasings in sets["train"]] if sets else [""]
+            nrow = max(1, self.num_samples // len(first)) if sets else None
+            n = nrow * len(first) if sets else self.num_samples
+            prompts = [first[i // nrow] for i in range(n)] if sets else None
         for name, sampler in self.samplers.items():
-            images = gather_samples(trainer, pl_module, sampler, self.seed, n, self.use_ema, labels, self.guidance_scale)
+            images = gather_samples(trainer, pl_module, sampler, self.seed, n, self.use_ema, labels, self.guidance_scale,
+                                    prompts)
             if trainer.is_global_zero:
                 grid = grid_image(images, nrow)
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from difflab.lit.from_config import sampler_from_config
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
 from difflab.samplers.families import default_sampler_name
-from difflab.samplers.generate import Guidance, labels_tensor
+from difflab.samplers.generate import Guidance, labels_tensor, prompt_list
 
 log = logging.getLogger("difflab")
 
@@ -47,6 +49,50 @@ def sample_labels(label: Any, num_samples: int) -> list[int] | None:
     return [values[i % len(values)] for i in range(num_samples)]
 
 
+def sample_prompts(cfg: DictConfig, num_samples: int) -> list[str] | None:
+    """prompt="..." -> that prompt for every sample; prompts_file=F -> each non-empty line of F, num_samples times each."""
+    prompt, path = cfg.get("prompt"), cfg.get("prompts_file")
+    if prompt is not None and path:
+        raise ValueError(f"give prompt= or prompts_file=, not both (prompt={prompt!r}, prompts_file={path!r})")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt={prompt!r} must be a text in quotes, e.g. prompt=\"a pair of trousers\"")
+        return [prompt] * num_samples
+    if not path:
+        return None
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ValueError(f"prompts_file={str(path)!r} is not a file; give a text file with one prompt a line")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts_file={str(path)!r} holds no prompt; write one prompt a line")
+    return [line for line in lines for _ in range(num_samples)]
+
+
+def check_text_request(cfg: DictConfig, module: Any, prompts: list[str] | None, labels: list[int] | None) -> None:
+    """A text model needs a prompt and takes no label; other models take no prompt (checked before sampling)."""
+    is_text = getattr(getattr(module, "net", None), "text_encoder", None) is not None
+    if is_text and labels is not None:
+        raise ValueError(f"label={cfg.get('label')!r} was given but ckpt_path={cfg.ckpt_path!r} is a text-to-image model: "
+                         "condition it with prompt=\"...\" (or prompts_file=), not label=")
+    if is_text and prompts is None:
+        raise ValueError(f"ckpt_path={cfg.ckpt_path!r} is a text-to-image model: give prompt=\"...\" (e.g. "
+                         "prompt=\"a pair of trousers\") or prompts_file=<one prompt a line>")
+    if cfg.get("negative_prompt") is not None and prompts is None:
+        raise ValueError(f"negative_prompt={cfg.negative_prompt!r} needs prompt= or prompts_file= on a text-to-image model")
+    if prompts is not None:
+        prompt_list(prompts, len(prompts), is_text=is_text, has_labels=labels is not None)
+
+
+def prompt_tag(cfg: DictConfig, prompts: list[str]) -> str:
+    """A file-name part naming the prompt (its words, at most 40 characters) or the prompts file (name + hash)."""
+    if cfg.get("prompt") is not None:
+        words = re.sub(r"[^a-z0-9]+", "-", str(cfg.prompt).lower()).strip("-")[:40] or "prompt"
+        return f"_p-{words}"
+    digest = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:8]
+    return f"_prompts-{Path(str(cfg.prompts_file)).stem}-{digest}"
+
+
 def guidance_kwargs(cfg: DictConfig, module: DiffusionModule, device: torch.device) -> dict[str, Any]:
     """guidance_scale and (with classifier_ckpt) the noise-aware classifier for module.sample (checked by Guidance)."""
     guidance = Guidance(scale=float(cfg.get("guidance_scale", 1.0)), classifier_scale=float(cfg.get("classifier_scale", 0.0)))
@@ -65,6 +111,10 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
     label = cfg.get("label")
     if kwargs.get("labels") is not None:
         stem += f"_label{label if isinstance(label, int) else 'list'}_w{kwargs['guidance_scale']:g}"
+    if kwargs.get("prompts") is not None:
+        stem += f"{prompt_tag(cfg, kwargs['prompts'])}_w{kwargs['guidance_scale']:g}"
+        if cfg.get("negative_prompt"):
+            stem += "_neg"
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
     if autocast_dtype(cfg.precision) is not None:  # reduced-precision samples never overwrite float32 ones
@@ -117,9 +167,12 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         raise ValueError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
     autocast_dtype(cfg.precision)  # a bad name fails before the checkpoint loads
     labels = sample_labels(cfg.get("label"), cfg.num_samples)
+    prompts = sample_prompts(cfg, cfg.num_samples)
+    num_samples = cfg.num_samples if prompts is None else len(prompts)
     device = resolve_device(cfg.device)
     run = load_run(cfg.ckpt_path, device)
     module = run.module
+    check_text_request(cfg, module, prompts, labels)
     sampler = choose_sampler(cfg, run)
     module.check_sampler(sampler)  # a distilled student accepts only its native sampler and steps
     kwargs = guidance_kwargs(cfg, module, device)
@@ -128,18 +181,26 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     labels_tensor(labels, cfg.num_samples, module.num_classes, device, for_classifier="classifier" in kwargs)
     out_dir = Path(cfg.out_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    text = {} if prompts is None else {"negative_prompt": cfg.get("negative_prompt")}
     batches = []
-    for start in range(0, cfg.num_samples, cfg.batch_size):
-        seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.num_samples))
+    for start in range(0, num_samples, cfg.batch_size):
+        seeds = range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, num_samples))
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
-        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels, precision=cfg.precision, **kwargs)
+        if prompts is not None:
+            text["prompts"] = prompts[start : start + len(seeds)]
+        x = module.sample(sampler, seeds, use_ema=cfg.use_ema, labels=batch_labels, precision=cfg.precision,
+                          **text, **kwargs)
         batches.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
-        log.info("sampled %d / %d with %s", start + len(seeds), cfg.num_samples, sampler.name)
+        log.info("sampled %d / %d with %s", start + len(seeds), num_samples, sampler.name)
     images = np.concatenate(batches)
-    stem = sample_stem(cfg, sampler.name, {"labels": labels, **kwargs})
+    stem = sample_stem(cfg, sampler.name, {"labels": labels, "prompts": prompts, **kwargs})
     paths = {"npz": out_dir / f"{stem}.npz", "png": out_dir / f"{stem}.png"}
     extra = {} if labels is None else {"labels": np.asarray(labels)}
-    np.savez(paths["npz"], images=images, seeds=np.arange(cfg.seed, cfg.seed + cfg.num_samples), **extra)
+    if prompts is not None:  # the prompt of every image (and the negative prompt, if any)
+        extra["prompts"] = np.asarray(prompts, dtype=str)
+        if cfg.get("negative_prompt"):
+            extra["negative_prompt"] = np.asarray(str(cfg.negative_prompt))
+    np.savez(paths["npz"], images=images, seeds=np.arange(cfg.seed, cfg.seed + num_samples), **extra)
     grid = grid_image(torch.from_numpy(images[: cfg.grid_max]).permute(0, 3, 1, 2), cfg.nrow)
     Image.fromarray(grid).save(paths["png"])
     for kind, p in paths.items():

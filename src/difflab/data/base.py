@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from difflab.data.captioned import CaptionedView
-from difflab.data.captions import phrasings_by_label
+from difflab.data.captions import class_prompts, phrasings_by_label
 from difflab.data.latents import LatentDataset, collate_latents
 from difflab.data.transforms import BatchToModelRange, check_channels
 
@@ -244,6 +244,12 @@ class ImageDataModule(pl.LightningDataModule):
         if not self.captions:
             raise ValueError(f"{type(self).__name__} was built with captions=false; set data.captions=true")
         return self._phrasings[split]
+
+    def class_prompt_sets(self) -> dict[str, list[list[str]]] | None:
+        """{"train": per class its training phrasings, "heldout": its held-out ones} (None: no class captions)."""
+        if self.caption_set is None:
+            return None
+        return {split: class_prompts(self.caption_set, split) for split in ("train", "heldout")}
 
     def _fit_batch_to(self, n_train: int, n_total: int) -> None:
         """A train split smaller than batch_size (a first try on a few own images): one batch of the whole

@@ -177,7 +177,8 @@ class TrainingModule(pl.LightningModule):
             loop._batches_that_stepped = self.trainer.global_step
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        # a frozen text encoder inside the net (text_encoder=clip) is not optimised
+        optimizer = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
         warmup = self.lr_warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -270,6 +271,8 @@ class TrainingModule(pl.LightningModule):
         use_ema: bool = True,
         callback: Callback = None,
         labels: Sequence[int] | Tensor | None = None,
+        prompts: Sequence[str] | str | None = None,
+        negative_prompt: str | None = None,
         guidance_scale: float = 1.0,
         classifier: nn.Module | None = None,
         classifier_scale: float = 0.0,
@@ -279,7 +282,8 @@ class TrainingModule(pl.LightningModule):
         """Images in [-1, 1], (len(seeds), C, H, W), through generate() (samplers/generate.py) with the EMA or raw net.
 
         labels condition a class-conditional net with classifier-free scale w = guidance_scale, or steer
-        the noise-aware `classifier` with scale classifier_scale. The net runs in eval mode and gets its
+        the noise-aware `classifier` with scale classifier_scale; prompts (and negative_prompt) condition a
+        text-to-image net the same way. The net runs in eval mode and gets its
         train/eval mode back whatever happens, a refused call included. `edit` (samplers/edit.py: Inpaint,
         SDEdit) conditions on known pixels, one pixel-space image per seed (a latent model encodes them).
         """
@@ -295,7 +299,8 @@ class TrainingModule(pl.LightningModule):
         net.eval()
         try:
             return generate(net, self.schedule, sampler, seeds, parameterization=self.parameterization,
-                            model_variance=self.model_variance, labels=labels, guidance=guidance,
+                            model_variance=self.model_variance, labels=labels, prompts=prompts,
+                            negative_prompt=negative_prompt, guidance=guidance,
                             precision=precision, callback=callback,
                             decoder=None if self.first_stage is None else self.first_stage.decode,
                             edit=edit, encoder=None if self.first_stage is None else self.first_stage.encode)

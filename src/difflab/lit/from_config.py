@@ -50,6 +50,14 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
         out["num_classes"] = data_num_classes(cfg)
     if cfg.model.get("out_channels", "absent") is None and getattr(objective, "variance", "fixed") != "fixed":
         out["out_channels"] = 2 * int(cfg.model.in_channels)
+    if cfg.get("text_encoder"):  # text-to-image: the net owns its text encoder (trained with it, or frozen)
+        if cfg.model.get("num_classes") is not None:
+            raise ValueError(f"text_encoder is set and model.num_classes={cfg.model.num_classes!r}: a model conditions on "
+                             "prompts or on class labels, not both; set model.num_classes=null for a text model")
+        if not (cfg.get("data") or {}).get("captions"):
+            raise ValueError("text_encoder is set but data.captions=false: a text-to-image model trains on captions; "
+                             "set data.captions=true (experiment=digits_t2i and fashion_t2i do)")
+        out["text_encoder"] = text_encoder_from_config(cfg)
     return out
 
 
@@ -181,7 +189,7 @@ def autoencoder_from_config(config: Mapping[str, Any], *, source: str) -> Any:
 
 
 BUILT_GROUPS = ("module", "model", "first_stage_model", "sde", "schedule", "objective", "timestep_sampler", "optimizer",
-                "sampler", "data")
+                "sampler", "data", "text_encoder")
 
 
 def checked_stored_config(config: Mapping[str, Any], groups: tuple[str, ...] = BUILT_GROUPS, *,

@@ -6,13 +6,18 @@ sample count give the same images, and the same metrics, on any number of proces
 `GenerativeMetrics.compute()` is a collective: every rank calls it; the caller's rank zero writes.
 
 The engine knows neither the module nor the samplers' classes: a model is anything with
-`sample(sampler, seeds, *, use_ema, labels=, guidance_scale=, precision=)` returning images in
+`sample(sampler, seeds, *, use_ema, labels=, prompts=, guidance_scale=, precision=)` returning images in
 [-1, 1], and a sampler anything with `name`, `nfe(T)` and `validate(T)`. The sampling path checks
 what it is asked (guidance scales included), so callers validate before they call.
+
+Conditional models are scored per class: sample i asks for class i mod K (by label, or by a prompt of
+that class, phrasing (i // K) mod its phrasings), so classes are balanced and independent of sharding;
+with the data's own classifier as extractor the rows add class (prompt) accuracy.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -52,6 +57,12 @@ def sampler_label(sampler: SamplerLike, T: int) -> str:
     return name if name.rsplit("-", 1)[-1].isdigit() else f"{name}-{sampler.nfe(T)}"
 
 
+def class_prompt_of(i: int, class_prompts: Sequence[Sequence[str]]) -> str:
+    """The prompt of sample i: class i mod K, its phrasing (i // K) mod the class's phrasings."""
+    phrasings = class_prompts[i % len(class_prompts)]
+    return phrasings[(i // len(class_prompts)) % len(phrasings)]
+
+
 def evaluate_sampler(
     model: SamplingModel,
     sampler: SamplerLike,
@@ -66,20 +77,32 @@ def evaluate_sampler(
     guidance_scale: float | None = None,
     num_classes: int | None = None,
     precision: str | int | None = None,
+    class_prompts: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, float]:
     """Stream this rank's share of num_samples through the metrics; returns the synced scores.
 
-    With guidance_scale (class-conditional models) sample i gets label i mod num_classes, so every
-    class is equally represented and labels, like seeds, do not depend on sharding.
+    With guidance_scale, sample i asks for class i mod K: label i mod num_classes (class-conditional
+    models) or a prompt of that class from class_prompts (text models), so every class is equally
+    represented and conditions, like seeds, do not depend on sharding.
     """
     metrics.reset()
     block = shard(num_samples, rank, world_size)
+    classes = len(class_prompts) if class_prompts is not None else num_classes
+    scored = guidance_scale is not None and classes == metrics.extractor.num_classes  # the data's own classifier
     for start in range(block.start, block.stop, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, block.stop))
         kwargs: dict[str, Any] = {} if precision is None else {"precision": precision}
+        targets = None
         if guidance_scale is not None:
-            kwargs |= {"labels": [(s - seed) % num_classes for s in seeds], "guidance_scale": guidance_scale}
-        metrics.update_fake(to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs)))
+            asked = [(s - seed) % classes for s in seeds]
+            kwargs |= {"guidance_scale": guidance_scale}
+            if class_prompts is not None:
+                kwargs["prompts"] = [class_prompt_of(s - seed, class_prompts) for s in seeds]
+            else:
+                kwargs["labels"] = asked
+            targets = torch.tensor(asked) if scored else None
+        images = to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs))
+        metrics.update_fake(images, None if targets is None else targets.to(images.device))
     return metrics.compute()
 
 
@@ -98,27 +121,38 @@ def evaluate_samplers(
     guidance_scales: Sequence[float] | None = None,
     num_classes: int | None = None,
     precision: str | int | None = None,
+    prompt_sets: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per sampler (and guidance scale w, for class-conditional models): label, NFE, every metric, settings.
+    """One row per sampler (and guidance scale w, for conditional models): label, NFE, every metric, settings.
 
+    prompt_sets ({"train": per-class phrasings, "heldout": ...}) score a text model: one row per sampler,
+    phrasing set and w, with prompt_accuracy (class_accuracy of the prompts' classes).
     NFE counts network evaluations per sample: a guided step (w not 0 or 1) evaluates the net twice.
     """
-    check_guidance_scales(guidance_scales, num_classes)
+    if prompt_sets is None:
+        check_guidance_scales(guidance_scales, num_classes)
+    elif not guidance_scales:
+        guidance_scales = [1.0]
     rows = []
     for sampler in samplers.values():
         sampler.validate(T)
     for sampler in samplers.values():
-        for w in guidance_scales or [None]:
+        for (phrasing, prompts), w in itertools.product((prompt_sets or {None: None}).items(), guidance_scales or [None]):
             start = time.perf_counter()
             scores = evaluate_sampler(
                 model, sampler, metrics, num_samples=num_samples, batch_size=batch_size, seed=seed,
                 rank=rank, world_size=world_size, use_ema=use_ema, guidance_scale=w, num_classes=num_classes,
-                precision=precision,
+                precision=precision, class_prompts=prompts,
             )
             label, nfe = sampler_label(sampler, T), sampler.nfe(T)
             row = {"sampler": label if w is None else f"{label}-w{w:g}", "nfe": nfe if w in (None, 0.0, 1.0) else 2 * nfe}
             if w is not None:
                 row["guidance_scale"] = w
+            if phrasing is not None:
+                row["sampler"] += f"-{phrasing}"
+                row["prompts"] = phrasing
+                scores = {("prompt_" + k.removeprefix("class_") if k.startswith("class_") else k): v
+                          for k, v in scores.items()}
             rows.append({
                 **row, **scores,
                 "num_samples": num_samples, "seed": seed, "extractor": metrics.extractor.name,

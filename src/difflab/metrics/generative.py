@@ -7,6 +7,12 @@ first, then rank 1's, ...) and then evaluates each requested metric on the gathe
 local torchmetrics / torch-fidelity code (difflab.metrics.scores), seeded, so every rank returns
 the same numbers.
 
+Conditional samples: `update_fake(images, targets)` with the class each image was asked for (its label,
+or the class of its prompt) adds `class_accuracy` (the fraction the extractor's classifier assigns to that
+class; meaningful for the project's classifier extractors, whose classes are the data's) and, with
+per-class references (`set_class_references`), the FID of each class's samples against that class's real
+images (`class_fid`, a list).
+
 DDP rules: call `set_reference`, `update_fake` and `compute` on EVERY rank (`compute` is a
 collective: never inside `rank_zero_only`); only rank zero should write files or log. Keep this
 object off the LightningModule (EMA deep-copies the module; checkpoints would carry the backbone).
@@ -29,7 +35,8 @@ from difflab.metrics.scores import frechet_distance, inception_score, kernel_dis
 MetricName = Literal["fid", "is", "kid", "precision_recall"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 NEEDS_REFERENCE = ("fid", "kid", "precision_recall")
-RESULT_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
+RESULT_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
+               "class_accuracies", "class_fid")
 
 
 class FeatureBank(Metric):
@@ -46,13 +53,17 @@ class FeatureBank(Metric):
         self.keep_logits = keep_logits
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")  # (N,) the class asked for; -1 = none
 
-    def update(self, features: Tensor, logits: Tensor) -> None:
+    def update(self, features: Tensor, logits: Tensor, targets: Tensor | None = None) -> None:
+        keep_logits = self.keep_logits or targets is not None
         self.features.append(features if self.keep_features else features[:, :0])
-        self.logits.append(logits if self.keep_logits else logits[:, :0])
+        self.logits.append(logits if keep_logits else logits[:, :0])
+        self.targets.append(torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+                            if targets is None else targets.to(features.device, torch.long))
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        return dim_zero_cat(self.features), dim_zero_cat(self.logits)
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        return dim_zero_cat(self.features), dim_zero_cat(self.logits), dim_zero_cat(self.targets)
 
 
 class GenerativeMetrics(nn.Module):
@@ -98,6 +109,14 @@ class GenerativeMetrics(nn.Module):
         needs_features = any(m in self.metrics for m in NEEDS_REFERENCE)
         self.bank = FeatureBank(keep_features=needs_features, keep_logits="is" in self.metrics)
         self.reference: ReferenceStats | None = None
+        self.class_references: list[ReferenceStats] | None = None
+
+    def set_class_references(self, references: Sequence[ReferenceStats] | None) -> None:
+        """Per-class real-image statistics (index = class) for `class_fid`; None turns it off."""
+        for ref in references or []:
+            if ref.extractor != self.extractor.name:
+                raise ValueError(f"class reference statistics come from {ref.extractor!r}, not {self.extractor.name!r}")
+        self.class_references = None if references is None else list(references)
 
     def set_reference(self, reference: ReferenceStats) -> None:
         if reference.extractor != self.extractor.name or reference.num_features != self.extractor.num_features:
@@ -108,10 +127,14 @@ class GenerativeMetrics(nn.Module):
         self.reference = reference
 
     @torch.no_grad()
-    def update_fake(self, images: Tensor) -> None:
-        """Add generated uint8 images (B, C, H, W); one backbone pass feeds every metric."""
+    def update_fake(self, images: Tensor, targets: Tensor | None = None) -> None:
+        """Add generated uint8 images (B, C, H, W), with the class each was asked for (targets (B,)) if any."""
         features, logits = self.extractor.features_and_logits(images)  # (B, D), (B, K)
-        self.bank.update(features, logits)
+        if targets is not None and int(targets.max()) >= self.extractor.num_classes:
+            raise ValueError(f"target class {int(targets.max())} is outside the extractor's {self.extractor.num_classes} "
+                             f"classes ({self.extractor.name}); class accuracy needs the data's own classifier "
+                             "(metrics.extractor=classifier)")
+        self.bank.update(features, logits, targets)
 
     def reset(self) -> None:
         """Forget the fake images; the reference stays."""
@@ -124,9 +147,26 @@ class GenerativeMetrics(nn.Module):
             raise RuntimeError(f"call set_reference(...) before compute(): {missing} compare against real images")
         if self.bank.update_count == 0:  # this rank saw no images: still take part in the gather
             self.bank.update(self._empty(self.extractor.num_features), self._empty(self.extractor.num_classes))
-        features, logits = self.bank.compute()
+        features, logits, targets = self.bank.compute()
         out = {**self._reference_scores(features), **self._inception_score(logits)}
+        if (targets >= 0).any():
+            out |= self._class_scores(features, logits, targets)
         return {k: out[k] for k in RESULT_KEYS if k in out}
+
+    def _class_scores(self, features: Tensor, logits: Tensor, targets: Tensor) -> dict[str, float | list[float]]:
+        """class_accuracy overall and per class; class_fid per class (with class references and fid)."""
+        asked = targets >= 0
+        hit = (logits[asked].argmax(dim=1) == targets[asked]).float()
+        classes = range(int(targets.max()) + 1)
+        per_class = [float(hit[targets[asked] == k].mean()) if (targets[asked] == k).any() else float("nan")
+                     for k in classes]
+        out: dict[str, float | list[float]] = {"class_accuracy": float(hit.mean()), "class_accuracies": per_class}
+        if self.class_references is not None and "fid" in self.metrics and features.shape[1]:
+            out["class_fid"] = [
+                frechet_distance(features[targets == k], mu_real=ref.mu, sigma_real=ref.sigma, num_real=ref.num_images)
+                if k < len(self.class_references) and int((targets == k).sum()) >= 2 else float("nan")
+                for k, ref in zip(classes, self.class_references)]
+        return out
 
     def _empty(self, columns: int) -> Tensor:
         return torch.zeros(0, columns, device=self.bank.device)

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
+METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
+               "prompt_accuracy")
 
 
 def flat_metrics(rows: Iterable[dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
@@ -33,6 +34,9 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, stem: str, extra: d
     if any("guidance_scale" in r for r in rows) and any("fid" in r and "is_mean" in r for r in rows):
         paths["fid_vs_is"] = out_dir / f"{stem}_fid_vs_is.png"
         plot_fid_vs_is(rows, paths["fid_vs_is"])
+    if any("prompt_accuracy" in r for r in rows):  # text models: accuracy and FID vs guidance scale
+        paths["prompt_sweep"] = out_dir / f"{stem}_prompt_sweep.png"
+        plot_prompt_sweep(rows, paths["prompt_sweep"])
     if any("sigma_rel" in r for r in rows):  # post-hoc EMA sweep (difflab-eval ema.sigma_rel=[...])
         paths["vs_sigma_rel"] = out_dir / f"{stem}_vs_sigma_rel.png"
         plot_vs_sigma_rel(rows, paths["vs_sigma_rel"])
@@ -104,6 +108,32 @@ def plot_fid_vs_is(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_prompt_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """Prompt accuracy and FID against the guidance scale w, one line per sampler and phrasing set (training / held-out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("prompt_accuracy", "fid") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3), squeeze=False)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "prompt_accuracy" in r and "guidance_scale" in r:
+            base = r["sampler"].rsplit("-w", 1)[0]
+            groups.setdefault(f"{base} {r['prompts']}", []).append(r)
+    for ax, key in zip(axes[0], keys):
+        for name, members in groups.items():
+            members = sorted((r for r in members if key in r), key=lambda r: r["guidance_scale"])
+            ax.plot([r["guidance_scale"] for r in members], [r[key] for r in members], "o-", label=name)
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(key.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_quality_vs_nfe(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per metric present: metric against NFE (log x), one labelled point per sampler."""
     import matplotlib
@@ -131,8 +161,10 @@ def plot_quality_vs_nfe(rows: list[dict[str, Any]], path: Path) -> None:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A compact fixed-width table of the metrics per sampler."""
     keys = [k for k in METRIC_KEYS if any(k in r for r in rows)]
-    head = f"{'sampler':<16}{'nfe':>6}" + "".join(f"{k:>11}" for k in keys)
+    width = max([16] + [len(r["sampler"]) + 2 for r in rows])
+    head = f"{'sampler':<{width}}{'nfe':>6}" + "".join(f"{k:>{max(11, len(k) + 1)}}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['sampler']:<16}{r['nfe']:>6}" + "".join(f"{r[k]:>11.4f}" for k in keys))
+        lines.append(f"{r['sampler']:<{width}}{r['nfe']:>6}"
+                     + "".join(f"{r.get(k, float('nan')):>{max(11, len(k) + 1)}.4f}" for k in keys))
     return "\n".join(lines)

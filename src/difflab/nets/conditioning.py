@@ -2,8 +2,9 @@
 
 Samplers never look inside it: they pass it to `model_fn(x_t, t, cond)` untouched, and guidance
 wrappers combine it with its null version. A field is a tensor with the batch on dim 0, or None.
-Today: class labels. Text embeddings (+ mask) and known pixels (+ mask) are further fields, so text
-conditioning and inpainting plug in without another sampling path.
+Fields: class labels; a prompt as token ids + attention mask (a text net encodes them itself), and the
+encoded context (+ pooled embedding) that generate() computes once per sampling call so the text
+encoder does not run at every step. Known pixels (inpainting) travel in samplers/edit.py's Edit.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Conditioning:
-    """labels: (B,) long class indices in [0, num_classes], num_classes being the null (unconditional) label."""
+    """labels: (B,) long class indices in [0, num_classes], num_classes being the null (unconditional) label.
+
+    tokens: (B, L) long prompt token ids, token_mask: (B, L) bool (True = a real token, start/end included);
+    context: (B, L, D) the text encoder's token embeddings of `tokens`, pooled: (B, D) its pooled embedding.
+    """
 
     labels: Tensor | None = None
+    tokens: Tensor | None = None
+    token_mask: Tensor | None = None
+    context: Tensor | None = None
+    pooled: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         """The fields that are set."""

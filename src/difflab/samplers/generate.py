@@ -26,6 +26,7 @@ from difflab.samplers.families import check_sampler_fits
 from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
 
 Labels = Sequence[int] | Tensor | None
+Prompts = Sequence[str] | str | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,33 @@ def labels_tensor(labels: Labels, n: int, num_classes: int | None, device: torch
     return y
 
 
+def prompt_list(prompts: Prompts, n: int, *, is_text: bool, has_labels: bool) -> list[str] | None:
+    """The prompts as one per sample (one prompt for all, or n), checked against the net: a text net takes prompts, never labels."""
+    if prompts is None:
+        if is_text and has_labels:
+            raise ValueError("labels were given but this is a text-to-image model: condition it with prompt=\"...\" "
+                             "(or prompts_file=), not label=")
+        return None
+    if not is_text:
+        raise ValueError(f"a prompt was given ({_first(prompts)!r}) but this model does not read text (it is "
+                         "class-conditional or unconditional); use label= on a class-conditional model, or train a text "
+                         "model (experiment=digits_t2i|fashion_t2i)")
+    out = [prompts] * n if isinstance(prompts, str) else [str(p) for p in prompts]
+    if len(out) == 1 and n > 1:
+        out = out * n
+    if len(out) != n:
+        raise ValueError(f"got {len(out)} prompts for {n} samples; give one prompt, or one per sample")
+    for i, p in enumerate(out):
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty ({p!r}); give a description such as \"a pair of trousers\" "
+                             "(guidance_scale=0 samples the unconditional model)")
+    return out
+
+
+def _first(prompts: Sequence[str] | str) -> str:
+    return prompts if isinstance(prompts, str) else (list(prompts) or [""])[0]
+
+
 def check_request(family: NoiseFamily, sampler: Sampler, *, model_variance: str, guidance: Guidance,
                   has_labels: bool) -> None:
     """Everything generate() refuses, checked before any network call."""
@@ -85,13 +113,32 @@ def check_request(family: NoiseFamily, sampler: Sampler, *, model_variance: str,
                          "class conditioning and guidance exist for DDPM models (experiment=digits_cfg)")
 
 
-def guided_model_fn(net: nn.Module, cond: Conditioning | None, guidance: Guidance, mean_channels: int) -> ModelFn:
-    """model_fn(x_t, t) over net(x_t, t, cond): the conditioning passed through, with classifier-free guidance."""
-    num_classes = getattr(net, "num_classes", None)
-    if num_classes is None or cond is None or cond.labels is None:  # unconditional (a conditional net: null label)
+def guided_model_fn(net: nn.Module, cond: Conditioning | None, guidance: Guidance, mean_channels: int,
+                    null: Conditioning | None = None) -> ModelFn:
+    """model_fn(x_t, t) over net(x_t, t, cond): the conditioning passed through, with classifier-free guidance.
+
+    The null condition is the null label of a class-conditional net, or `null` (the empty or negative prompt)
+    of a text net.
+    """
+    if cond is None:  # unconditional (a conditional net: its null label or empty prompt)
         return net
-    null = Conditioning(labels=torch.full_like(cond.labels, num_classes))
+    if cond.labels is not None:
+        num_classes = getattr(net, "num_classes", None)
+        if num_classes is None:
+            return net
+        null = Conditioning(labels=torch.full_like(cond.labels, num_classes))
+    if null is None:
+        raise ValueError("classifier-free guidance on a prompt needs its null condition (the empty or negative prompt)")
     return classifier_free_guidance(net, cond, null, guidance_scale=guidance.scale, mean_channels=mean_channels)
+
+
+def text_conditions(net: nn.Module, prompts: list[str], negative_prompt: str | None,
+                    device: torch.device) -> tuple[Conditioning, Conditioning]:
+    """(prompt, null) conditionings encoded once by the net's text encoder; null is the negative prompt or the empty one."""
+    cond = net.encode_condition(net.prompt_condition(prompts, device))
+    negative = [negative_prompt] * len(prompts) if negative_prompt else [""] * len(prompts)
+    null = net.encode_condition(net.prompt_condition(negative, device))
+    return cond, null
 
 
 @torch.inference_mode()
@@ -104,6 +151,8 @@ def generate(
     parameterization: str,
     model_variance: str = "fixed",
     labels: Labels = None,
+    prompts: Prompts = None,
+    negative_prompt: str | None = None,
     guidance: Guidance = Guidance(),
     precision: str | int | None = None,
     callback: Callback = None,
@@ -117,7 +166,8 @@ def generate(
     decode, run under the same precision), so the result is in pixel space either way.
 
     labels (one per seed, or one for all) condition a class-conditional net (guidance.scale is the
-    classifier-free w) or steer a noise-aware guidance.classifier; precision bf16-mixed / 16-mixed
+    classifier-free w) or steer a noise-aware guidance.classifier; prompts (one per seed, or one for all)
+    condition a text net the same way, against the empty prompt or `negative_prompt`; precision bf16-mixed / 16-mixed
     runs the net under autocast with weights cast once; None or 32 keeps the caller's context.
 
     edit (samplers/edit.py): Inpaint imposes known pixels after every step (RePaint, the PC inpainter),
@@ -130,8 +180,13 @@ def generate(
     check_request(fam, sampler, model_variance=model_variance, guidance=guidance, has_labels=labels is not None)
     if edit is not None:
         check_edit_sampler(edit, sampler)
-    y = labels_tensor(labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
-    cond = None if y is None else Conditioning(labels=y)
+    is_text = getattr(net, "text_encoder", None) is not None
+    texts = prompt_list(prompts, len(seeds), is_text=is_text, has_labels=labels is not None)
+    if negative_prompt is not None and texts is None:
+        raise ValueError(f"negative_prompt={negative_prompt!r} needs a prompt on a text-to-image model")
+    y = None if is_text and not guidance.uses_classifier else labels_tensor(
+        labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
+    cond = None if y is None or is_text else Conditioning(labels=y)
     x_T, generators = initial_noise((net.in_channels, net.image_size, net.image_size), seeds, device)
     if edit is not None:
         edit = edit.map(lambda v: v.to(device))
@@ -141,7 +196,11 @@ def generate(
             return edit.source.float() if decoder is None else decoder(edit.source).float()
     family, sampler, x_T, edit_kwargs = edited_call(edit, family, sampler, x_T)
     with precision_autocast(dtype if precision is not None else None, device.type):
-        model_fn = guided_model_fn(sampling_net(net, dtype), cond, guidance, net.in_channels)
+        run_net = sampling_net(net, dtype)
+        null = None
+        if texts is not None:  # the text encoder runs once per call, not once per step
+            cond, null = text_conditions(run_net, texts, negative_prompt, device)
+        model_fn = guided_model_fn(run_net, cond, guidance, net.in_channels, null)
         extra: dict = {}
         if model_variance != "fixed" and sampler.supports_learned_variance:
             extra["model_variance"] = model_variance
