@@ -32,7 +32,7 @@ from difflab.lit.posthoc_ema import apply_to
 from difflab.metrics.build import build_metrics
 from difflab.metrics.distillation_report import joint_table, plot_models_vs_nfe
 from difflab.metrics.evaluation import check_guidance_scales, evaluate_samplers
-from difflab.metrics.reference import shared_reference
+from difflab.metrics.reference import shared_class_references, shared_reference
 from difflab.metrics.reports import METRIC_KEYS, format_table, write_results
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.generate import Guidance
@@ -112,6 +112,18 @@ def heldout_bpd(cfg: DictConfig, module, datamodule, device: torch.device) -> di
     return out
 
 
+PROMPT_SETS = ("train", "heldout")
+
+
+def check_prompt_sets(names: Any) -> list[str]:
+    """prompts=[train, heldout]: the phrasing sets that score a text model (training and held-out templates)."""
+    names = list(names) if names is not None else list(PROMPT_SETS)
+    bad = [n for n in names if n not in PROMPT_SETS]
+    if bad or not names:
+        raise ValueError(f"prompts={names} is not allowed: choose one or both of {list(PROMPT_SETS)}")
+    return names
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate everything, then score every sampler; rank zero writes metrics.json and the NFE table."""
     samplers = build_samplers(cfg.samplers)
@@ -132,7 +144,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for s in samplers.values():
         module.check_sampler(s)
     students = load_students(cfg.get("students") or [], run_cfg)  # checked before any sampling
-    check_guidance_scales(guidance_scales, module.num_classes)
+    text_model = bool(getattr(module, "is_text_model", False))
+    if not text_model:
+        check_guidance_scales(guidance_scales, module.num_classes)
+    phrasings = check_prompt_sets(cfg.get("prompts"))
     if cfg.bpd.num_images > 0:
         bpd_method(cfg.bpd.get("method", "auto"), module)
     dataset, image_size = run_cfg.data_name, run_cfg.data.image_size
@@ -151,6 +166,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cache_dir=Path(cfg.paths.cache_dir) / "reference", num_images=cfg.reference.num_images,
         is_rank_zero=rank == 0, barrier=dist.barrier if world > 1 else None,
     ))
+    prompt_sets = None
+    if text_model:  # scored by class prompts: accuracy and FID per class, training vs held-out phrasings
+        all_sets = datamodule.class_prompt_sets()
+        if all_sets is None:
+            raise ValueError(f"this text model's data ({dataset}) has no class captions to score prompts by; "
+                             "difflab-eval scores text models on digits, mnist and fashion_mnist")
+        prompt_sets = {name: all_sets[name] for name in phrasings}
+        if "fid" in cfg.metrics.names and cfg.get("class_fid", True):
+            metrics.set_class_references(shared_class_references(
+                datamodule, metrics.extractor, dataset=dataset, split=cfg.reference.split,
+                cache_dir=Path(cfg.paths.cache_dir) / "reference", is_rank_zero=rank == 0,
+                barrier=dist.barrier if world > 1 else None))
     rows, likelihoods = [], []
     for rec in reconstructions:  # the same seeds, reference statistics and held-out data for every sigma_rel
         if rec is not None:
@@ -158,7 +185,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rows += posthoc_rows(evaluate_samplers(
             module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
             seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema, guidance_scales=guidance_scales,
-            num_classes=module.num_classes, precision=cfg.precision), rec)
+            num_classes=module.num_classes, precision=cfg.precision, prompt_sets=prompt_sets), rec)
         bpd_here = rank == 0 and (rec is None or bool(cfg.ema.get("bpd", False)))  # per sigma_rel: opt-in (T calls each)
         likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if bpd_here else None)
     if students:  # the same seeds, reference statistics and metrics for every student, at its native steps

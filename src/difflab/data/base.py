@@ -291,6 +291,30 @@ class ImageDataModule(pl.LightningDataModule):
             images, _ = dataset.__getitems__(list(range(start, min(start + batch_size, n))))
             yield images
 
+    def class_uint8_batches(self, split: Literal["train", "val"], label: int, *, batch_size: int = 500) -> Iterator[torch.Tensor]:
+        """The un-augmented uint8 images of one class of a split, in the split's order (per-class reference statistics)."""
+        for images, labels in self._labelled_batches(split, batch_size):
+            if (labels == label).any():
+                yield images[labels == label]
+
+    def class_counts(self, split: Literal["train", "val"] = "train") -> list[int]:
+        """Images per class in a split (index = class)."""
+        counts: dict[int, int] = {}
+        for _, labels in self._labelled_batches(split, 2000):
+            for k, n in zip(*labels.unique(return_counts=True)):
+                counts[int(k)] = counts.get(int(k), 0) + int(n)
+        return [counts.get(k, 0) for k in range(max(counts) + 1)] if counts else []
+
+    def _labelled_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} is not supported; choose 'train' or 'val'")
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        for start in range(0, len(dataset), batch_size):
+            images, labels = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+            if labels is None or (labels < 0).any():
+                raise ValueError(f"{type(self).__name__} has no class labels; per-class statistics need labelled data")
+            yield images, labels
+
     def num_images(self, split: Literal["train", "val"] = "train") -> int:
         """How many images a split holds."""
         return len(self.train_dataset if split == "train" else self.val_dataset)

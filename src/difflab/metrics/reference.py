@@ -234,3 +234,39 @@ def save_atomic(obj: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ClassReferenceData(ReferenceData, Protocol):
+    """A labelled data module: per-class uint8 images and counts (difflab.data's labelled image modules)."""
+
+    def class_counts(self, split: str) -> list[int]: ...
+
+    def class_uint8_batches(self, split: str, label: int) -> Iterable[Tensor]: ...
+
+
+def shared_class_references(
+    data: ClassReferenceData,
+    extractor: FeatureExtractor,
+    *,
+    dataset: str,
+    split: str,
+    cache_dir: str | Path,
+    is_rank_zero: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> list[ReferenceStats]:
+    """Reference statistics of every class of `split` (index = class), for per-class FID; cached like shared_reference."""
+    counts = data.class_counts(split)
+    keys = [ReferenceKey(dataset=dataset, split=f"{split}_class{k}", resolution=data.image_size, num_images=n,
+                         extractor=extractor.name) for k, n in enumerate(counts) if n > 0]
+    if len(keys) != len(counts):
+        empty = [k for k, n in enumerate(counts) if n == 0]
+        raise ValueError(f"classes {empty} have no image in the {split!r} split; per-class FID needs every class")
+
+    def compute() -> list[ReferenceStats]:
+        return [load_or_compute(key, lambda k=k: data.class_uint8_batches(split, k), extractor, cache_dir)
+                for k, key in enumerate(keys)]
+
+    stats = compute() if is_rank_zero else None
+    if barrier is not None:
+        barrier()
+    return stats if stats is not None else compute()
