@@ -27,15 +27,17 @@ from difflab.data.transforms import to_model_range
 from difflab.diffusion.likelihood import bits_per_dim
 from difflab.diffusion.ode_likelihood import ode_bits_per_dim
 from difflab.diffusion.schedules import NoiseSchedule
-from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_run
+from difflab.lit.base import check_clip_schedule
+from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_clip, load_run
 from difflab.lit.posthoc_ema import apply_to
 from difflab.metrics.build import build_metrics
+from difflab.metrics.clip_score import HFCLIPScorer, MiniCLIPScorer
 from difflab.metrics.distillation_report import joint_table, plot_models_vs_nfe
 from difflab.metrics.evaluation import check_guidance_scales, evaluate_samplers
 from difflab.metrics.reference import shared_class_references, shared_reference
 from difflab.metrics.reports import METRIC_KEYS, format_table, write_results
 from difflab.nets.inference import autocast_dtype
-from difflab.samplers.generate import Guidance
+from difflab.samplers.generate import Guidance, check_clip_fits
 
 log = logging.getLogger("difflab")
 
@@ -124,6 +126,30 @@ def check_prompt_sets(names: Any) -> list[str]:
     return names
 
 
+def clip_settings(cfg: DictConfig, module: Any, run_cfg: DictConfig) -> tuple[Any, list[float] | None]:
+    """(the mini_clip of clip_ckpt_path or None, the CLIP guidance scales or None), checked against the model before
+    any sampling: guidance needs a pixel-space DDPM model of the CLIP's image size, channels and schedule."""
+    scales = cfg.get("clip_guidance_scales")
+    scales = None if scales is None else [Guidance(clip_scale=float(s)).clip_scale for s in scales]
+    if scales is not None and not scales:
+        raise ValueError("clip_guidance_scales=[] is empty; give scales such as [0,50,100], or null")
+    if cfg.get("clip_ckpt_path") and cfg.get("clip_path"):
+        raise ValueError(f"give clip_ckpt_path (a mini_clip) or clip_path (a local CLIP folder) for the CLIP score, not "
+                         f"both (clip_ckpt_path={cfg.clip_ckpt_path!r}, clip_path={cfg.clip_path!r})")
+    if not cfg.get("clip_ckpt_path"):
+        if scales is not None:
+            raise ValueError(f"clip_guidance_scales={scales} needs clip_ckpt_path=<a mini_clip checkpoint> (CLIP guidance "
+                             "uses its noise-aware image tower)")
+        return None, None
+    clip = load_clip(cfg.clip_ckpt_path)
+    check_clip_fits(clip, module.net, latent=getattr(module, "first_stage", None) is not None)
+    if scales is not None:
+        if not isinstance(module.schedule, NoiseSchedule):
+            raise ValueError("clip_guidance_scales needs a DDPM model (mini_clip reads timestep indices); this is a score model")
+        check_clip_schedule(clip, OmegaConf.to_container(run_cfg.schedule) if run_cfg.get("schedule") else None)
+    return clip, scales
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate everything, then score every sampler; rank zero writes metrics.json and the NFE table."""
     samplers = build_samplers(cfg.samplers)
@@ -148,6 +174,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not text_model:
         check_guidance_scales(guidance_scales, module.num_classes)
     phrasings = check_prompt_sets(cfg.get("prompts"))
+    clip, clip_scales = clip_settings(cfg, module, run_cfg)  # CLIP score and CLIP guidance
     if cfg.bpd.num_images > 0:
         bpd_method(cfg.bpd.get("method", "auto"), module)
     dataset, image_size = run_cfg.data_name, run_cfg.data.image_size
@@ -167,17 +194,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         is_rank_zero=rank == 0, barrier=dist.barrier if world > 1 else None,
     ))
     prompt_sets = None
-    if text_model:  # scored by class prompts: accuracy and FID per class, training vs held-out phrasings
+    if text_model or clip_scales is not None:  # scored by class prompts: accuracy and FID per class, training vs held-out phrasings
         all_sets = datamodule.class_prompt_sets()
         if all_sets is None:
-            raise ValueError(f"this text model's data ({dataset}) has no class captions to score prompts by; "
-                             "difflab-eval scores text models on digits, mnist and fashion_mnist")
+            raise ValueError(f"this model's data ({dataset}) has no class captions to score prompts by; difflab-eval "
+                             "scores text models and CLIP guidance on digits, mnist and fashion_mnist")
         prompt_sets = {name: all_sets[name] for name in phrasings}
         if "fid" in cfg.metrics.names and cfg.get("class_fid", True):
             metrics.set_class_references(shared_class_references(
                 datamodule, metrics.extractor, dataset=dataset, split=cfg.reference.split,
                 cache_dir=Path(cfg.paths.cache_dir) / "reference", is_rank_zero=rank == 0,
                 barrier=dist.barrier if world > 1 else None))
+    if prompt_sets is not None and (clip is not None or cfg.get("clip_path")):  # CLIP score of every prompted image
+        metrics.set_clip_scorer((MiniCLIPScorer(clip) if clip is not None else HFCLIPScorer(cfg.clip_path)).to(device))
     rows, likelihoods = [], []
     for rec in reconstructions:  # the same seeds, reference statistics and held-out data for every sigma_rel
         if rec is not None:
@@ -185,7 +214,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rows += posthoc_rows(evaluate_samplers(
             module, samplers, metrics, T=module.schedule.T, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
             seed=cfg.seed, rank=rank, world_size=world, use_ema=cfg.use_ema, guidance_scales=guidance_scales,
-            num_classes=module.num_classes, precision=cfg.precision, prompt_sets=prompt_sets), rec)
+            num_classes=module.num_classes, precision=cfg.precision, prompt_sets=prompt_sets,
+            clip=None if clip is None else clip.to(device), clip_scales=clip_scales), rec)
         bpd_here = rank == 0 and (rec is None or bool(cfg.ema.get("bpd", False)))  # per sigma_rel: opt-in (T calls each)
         likelihoods.append(heldout_bpd(cfg, module, datamodule, device) if bpd_here else None)
     if students:  # the same seeds, reference statistics and metrics for every student, at its native steps

@@ -19,12 +19,13 @@ from difflab.cli.config import config_path
 from difflab.cli.process_setup import setup_process
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule
-from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_run
+from difflab.lit.base import check_clip_schedule
+from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_clip, load_run
 from difflab.lit.from_config import sampler_from_config
 from difflab.nets.inference import autocast_dtype
 from difflab.samplers.base import Sampler
 from difflab.samplers.families import default_sampler_name
-from difflab.samplers.generate import Guidance, labels_tensor, prompt_list
+from difflab.samplers.generate import Guidance, check_clip_fits, labels_tensor, prompt_list
 
 log = logging.getLogger("difflab")
 
@@ -69,19 +70,52 @@ def sample_prompts(cfg: DictConfig, num_samples: int) -> list[str] | None:
     return [line for line in lines for _ in range(num_samples)]
 
 
+GUIDANCE_KINDS = (None, "clip")
+
+
+def clip_requested(cfg: DictConfig) -> bool:
+    """guidance=clip (with clip_ckpt_path and a prompt); guidance=null refuses a clip_ckpt_path given without it."""
+    kind = cfg.get("guidance")
+    if kind not in GUIDANCE_KINDS:
+        raise ValueError(f"guidance={kind!r} is not allowed; choose null or clip (classifier-free guidance is "
+                         "guidance_scale=, classifier guidance classifier_ckpt= with classifier_scale=)")
+    if kind is None:
+        if cfg.get("clip_ckpt_path"):
+            raise ValueError(f"clip_ckpt_path={cfg.clip_ckpt_path!r} is set but guidance=null; add guidance=clip "
+                             "(and prompt=\"...\") for CLIP guidance")
+        return False
+    if not cfg.get("clip_ckpt_path"):
+        raise ValueError("guidance=clip needs clip_ckpt_path=<a mini_clip checkpoint> (difflab-train experiment=digits_clip "
+                         "writes one)")
+    if cfg.get("prompt") is None and not cfg.get("prompts_file"):
+        raise ValueError("guidance=clip needs prompt=\"...\" (or prompts_file=): CLIP guidance steers towards a text")
+    return True
+
+
 def check_text_request(cfg: DictConfig, module: Any, prompts: list[str] | None, labels: list[int] | None) -> None:
-    """A text model needs a prompt and takes no label; other models take no prompt (checked before sampling)."""
+    """A text model needs a prompt and takes no label; other models take a prompt only for CLIP guidance (checked
+    before sampling)."""
     is_text = getattr(getattr(module, "net", None), "text_encoder", None) is not None
+    clip = clip_requested(cfg)
     if is_text and labels is not None:
         raise ValueError(f"label={cfg.get('label')!r} was given but ckpt_path={cfg.ckpt_path!r} is a text-to-image model: "
                          "condition it with prompt=\"...\" (or prompts_file=), not label=")
     if is_text and prompts is None:
         raise ValueError(f"ckpt_path={cfg.ckpt_path!r} is a text-to-image model: give prompt=\"...\" (e.g. "
                          "prompt=\"a pair of trousers\") or prompts_file=<one prompt a line>")
-    if cfg.get("negative_prompt") is not None and prompts is None:
+    if cfg.get("negative_prompt") is not None and (prompts is None or not is_text):
         raise ValueError(f"negative_prompt={cfg.negative_prompt!r} needs prompt= or prompts_file= on a text-to-image model")
+    if prompts is not None and not is_text and not clip:
+        raise ValueError(f"prompt={_first_prompt(prompts)!r} was given but ckpt_path={cfg.ckpt_path!r} does not read text "
+                         "(it is class-conditional or unconditional); steer it with CLIP guidance (guidance=clip "
+                         "clip_ckpt_path=<a mini_clip checkpoint>), use label= on a class-conditional model, or train a "
+                         "text model (experiment=digits_t2i|fashion_t2i)")
     if prompts is not None:
-        prompt_list(prompts, len(prompts), is_text=is_text, has_labels=labels is not None)
+        prompt_list(prompts, len(prompts), is_text=is_text or clip, has_labels=labels is not None and is_text)
+
+
+def _first_prompt(prompts: list[str]) -> str:
+    return prompts[0] if prompts else ""
 
 
 def prompt_tag(cfg: DictConfig, prompts: list[str]) -> str:
@@ -102,6 +136,12 @@ def guidance_kwargs(cfg: DictConfig, module: DiffusionModule, device: torch.devi
             raise ValueError("classifier_ckpt is set but label is null; classifier guidance steers towards label=<class>")
         out["classifier"] = load_classifier(cfg.classifier_ckpt, kind="noisy_classifier", T=module.schedule.T).to(device)
         out["classifier_scale"] = guidance.classifier_scale
+    if cfg.get("guidance") == "clip":  # the CLIP read, and checked against the model, before any sampling
+        scale = Guidance(clip_scale=float(cfg.get("clip_guidance_scale", 0.0))).clip_scale
+        clip = load_clip(cfg.clip_ckpt_path, device=device)
+        check_clip_fits(clip, module.net, latent=getattr(module, "first_stage", None) is not None)
+        check_clip_schedule(clip, (module.run_config or {}).get("schedule"))
+        out |= {"clip": clip, "clip_scale": scale}
     return out
 
 
@@ -117,6 +157,8 @@ def sample_stem(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> str:
             stem += "_neg"
     if kwargs.get("classifier") is not None:
         stem += f"_s{kwargs['classifier_scale']:g}"
+    if kwargs.get("clip") is not None:
+        stem += f"_clip{kwargs['clip_scale']:g}"
     if autocast_dtype(cfg.precision) is not None:  # reduced-precision samples never overwrite float32 ones
         stem += f"_{cfg.precision}"
     return stem

@@ -18,7 +18,8 @@ from difflab.cli.trainer_setup import build_trainer
 
 from difflab.lit.from_config import build_module, first_stage_from_config, with_latent_model
 from difflab.cli.cluster import slurm_job_id
-from difflab.lit.checkpoint_io import check_resume_fits, checkpoint_step, load_first_stage, newest_checkpoint, remove_stale_temporaries
+from difflab.lit.checkpoint_io import (check_resume_fits, checkpoint_step, load_clip_text_encoder, load_first_stage,
+                                      newest_checkpoint, remove_stale_temporaries)
 from difflab.lit.distillation import attach_teacher
 from difflab.lit.first_stage import describe_first_stage
 from difflab.lit.loggers import continue_loggers
@@ -37,8 +38,11 @@ def train(cfg: DictConfig, status: dict | None = None) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data)
     first_stage = first_stage_from_config(cfg, load_first_stage)  # latent diffusion: the frozen autoencoder
     cfg = with_latent_model(cfg, first_stage)  # model.in_channels / image_size from its latent shape
-    module = build_module(cfg, first_stage=first_stage)
+    module = build_module(cfg, first_stage=first_stage, load_clip_text=load_clip_text_encoder)
     module.run_config = to_container(cfg)
+    text_encoder = getattr(getattr(module, "net", None), "text_encoder", None)
+    if getattr(text_encoder, "stored_config", None):  # text_encoder=mini_clip: its tower's structure travels along
+        module.run_config["text_encoder"] = text_encoder.stored_config
     if first_stage is not None:  # its structure travels in the checkpoint (weights and scale: the state_dict)
         module.run_config["first_stage"] = describe_first_stage(first_stage, module.run_config["first_stage"])
         if cfg.first_stage.get("cache_latents"):  # encode the training split once; train on its moments

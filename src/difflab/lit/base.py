@@ -77,6 +77,17 @@ def latent_sampler(sampler: Sampler) -> Sampler:
     return sampler
 
 
+def check_clip_schedule(clip: nn.Module, schedule: dict[str, Any] | None) -> None:
+    """A noise-aware CLIP reads x_t at its training schedule's noise levels: refuse a model trained on another one."""
+    stored = getattr(clip, "stored_config", None) or {}
+    theirs = stored.get("schedule")
+    if schedule is None or theirs is None:
+        return
+    if dict(theirs) != dict(schedule):
+        raise ValueError(f"clip_ckpt_path={stored.get('path')!r} was trained on the schedule {dict(theirs)}, the model on "
+                         f"{dict(schedule)}; train the mini_clip with the model's schedule (schedule=... schedule.T=...)")
+
+
 class TrainingModule(pl.LightningModule):
     """Net, its EMA copy, optimizer + linear LR warm-up, exact resume; subclasses add objective and sampling."""
 
@@ -276,6 +287,8 @@ class TrainingModule(pl.LightningModule):
         guidance_scale: float = 1.0,
         classifier: nn.Module | None = None,
         classifier_scale: float = 0.0,
+        clip: nn.Module | None = None,
+        clip_scale: float = 0.0,
         precision: str | int | None = None,
         edit: Edit | None = None,
     ) -> Tensor:
@@ -283,12 +296,16 @@ class TrainingModule(pl.LightningModule):
 
         labels condition a class-conditional net with classifier-free scale w = guidance_scale, or steer
         the noise-aware `classifier` with scale classifier_scale; prompts (and negative_prompt) condition a
-        text-to-image net the same way. The net runs in eval mode and gets its
+        text-to-image net the same way; `clip` (lit.checkpoint_io.load_clip) steers towards the prompts with scale
+        clip_scale (CLIP guidance, GLIDE Sec. 3.2), on this model's schedule only. The net runs in eval mode and gets its
         train/eval mode back whatever happens, a refused call included. `edit` (samplers/edit.py: Inpaint,
         SDEdit) conditions on known pixels, one pixel-space image per seed (a latent model encodes them).
         """
         self.check_sampler(sampler)  # a distilled student accepts only its native samplers
-        guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale)
+        guidance = Guidance(scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale, clip=clip,
+                            clip_scale=clip_scale)
+        if clip is not None:
+            check_clip_schedule(clip, (self.run_config or {}).get("schedule"))
         if classifier is not None and self.first_stage is not None:
             raise ValueError("classifier guidance needs a noise-aware classifier of this model's latents; difflab's "
                              "are trained on pixels: use classifier-free guidance (guidance_scale) on a latent model")

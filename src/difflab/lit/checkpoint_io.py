@@ -22,8 +22,9 @@ from torch import nn
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from difflab.lit.from_config import (autoencoder_from_config, build_module, checked_stored_config,
-                                     classifier_net_from_config)
+                                     classifier_net_from_config, clip_net_from_config)
 from difflab.lit.resume import check_state_dict_fits
+from difflab.nets.text import FrozenTextEncoder
 
 
 # Globals a difflab checkpoint may hold beyond tensors and plain containers. Nothing so far:
@@ -172,7 +173,7 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, int] | None:
 
 
 # what difflab.kind says in a checkpoint; training runs written before kinds existed have none
-RUN_KINDS = ("diffusion", "classifier", "noisy_classifier", "autoencoder")
+RUN_KINDS = ("diffusion", "classifier", "noisy_classifier", "autoencoder", "clip")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def load_run(path: str | os.PathLike, device: torch.device | str = "cpu", *, nam
     ckpt.require_kind("diffusion", hint="; difflab-sample and difflab-eval read difflab-train checkpoints")
     source = f"{name}={str(ckpt.path)!r}"
     config = checked_stored_config(ckpt.config, source=source)
-    module = build_module(config)
+    module = build_module(config, load_clip_text=load_clip_text_encoder)
     check_state_dict_fits(module.state_dict(), ckpt.state_dict, source=source, produced_by=ckpt.config.get("model"))
     module.load_state_dict(ckpt.state_dict)
     return LoadedRun(module=module.to(device).eval(), checkpoint=ckpt, config=config)
@@ -290,3 +291,35 @@ def load_first_stage(path: str | os.PathLike, *, device: torch.device | str = "c
     net.load_state_dict(weights)
     net.stored_config = dict(net_cfg)
     return net.to(device).eval().requires_grad_(False)
+
+
+CLIP_HINT = "; a mini_clip is trained with difflab-train experiment=digits_clip (or fashion_clip)"
+
+
+def load_clip(path: str | os.PathLike, *, device: torch.device | str = "cpu", name: str = "clip_ckpt_path") -> nn.Module:
+    """The MiniCLIP of a difflab-train module=mini_clip checkpoint, frozen (requires_grad False) in eval mode;
+    `stored_config` holds what it was trained on (data_name, data image_size / channels, schedule)."""
+    ckpt = read_checkpoint(path, name=name, missing_hint=CLIP_HINT)
+    ckpt.require_kind("clip", hint=CLIP_HINT)
+    source = f"{name}={str(ckpt.path)!r}"
+    config = checked_stored_config(ckpt.config, ("clip_model", "schedule"), source=source)
+    net = clip_net_from_config(config, source=source)
+    weights = {k.removeprefix("net."): v for k, v in ckpt.state_dict.items() if k.startswith("net.")}
+    check_state_dict_fits(net.state_dict(), weights, source=source, produced_by=config.get("clip_model"))
+    net.load_state_dict(weights)
+    data = config.get("data") or {}
+    net.stored_config = {"path": str(ckpt.path), "data_name": config.get("data_name"), "schedule": config.get("schedule"),
+                         "image_size": data.get("image_size"), "channels": data.get("channels"),
+                         "global_step": ckpt.global_step,
+                         "text_tower": dict((config.get("clip_model") or {}).get("text_encoder") or {})}
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_clip_text_encoder(path: str | os.PathLike, *, name: str = "text_encoder.ckpt_path") -> nn.Module:
+    """mini_clip's text tower as a frozen text encoder of a text-to-image model (nets/text.py FrozenTextEncoder);
+    `stored_config` is the text_encoder config a run stores: the tower's architecture and where it came from."""
+    clip = load_clip(path, name=name)
+    encoder = FrozenTextEncoder(tower=clip.text_encoder, ckpt_path=clip.stored_config["path"])
+    encoder.stored_config = {"_target_": "difflab.nets.text.FrozenTextEncoder", "ckpt_path": encoder.ckpt_path,
+                             "tower": clip.stored_config["text_tower"]}
+    return encoder

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from difflab.lit.autoencoder import AutoencoderModule
+from difflab.lit.clip import MiniCLIPModule
 from difflab.lit.diffusion_module import DiffusionModule
 from difflab.lit.first_stage import build_first_stage, is_difflab_autoencoder
 from difflab.lit.score_module import ScoreModule
@@ -43,7 +44,10 @@ def data_num_classes(cfg: DictConfig) -> int:
     return int(k)
 
 
-def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
+ClipTextLoader = Callable[[str], nn.Module]  # a mini_clip checkpoint path -> its text tower, frozen (FrozenTextEncoder)
+
+
+def net_overrides(cfg: DictConfig, objective: object, load_clip_text: ClipTextLoader | None = None) -> dict[str, Any]:
     """model.num_classes=auto -> the data's class count; out_channels=null -> 2C for learned-variance objectives."""
     out: dict[str, Any] = {}
     if cfg.model.get("num_classes") == "auto":
@@ -57,7 +61,7 @@ def net_overrides(cfg: DictConfig, objective: object) -> dict[str, Any]:
         if not (cfg.get("data") or {}).get("captions"):
             raise ValueError("text_encoder is set but data.captions=false: a text-to-image model trains on captions; "
                              "set data.captions=true (experiment=digits_t2i and fashion_t2i do)")
-        out["text_encoder"] = text_encoder_from_config(cfg)
+        out["text_encoder"] = text_encoder_from_config(cfg, load_clip_text)
     return out
 
 
@@ -121,10 +125,14 @@ def with_latent_model(cfg: DictConfig, first_stage: FirstStage | None) -> DictCo
 
 
 def build_module(cfg: DictConfig | Mapping[str, Any], *, first_stage: FirstStage | None = None,
-                 load_autoencoder: AutoencoderLoader | None = None) -> DiffusionModule | ScoreModule | AutoencoderModule:
+                 load_autoencoder: AutoencoderLoader | None = None, load_clip_text: ClipTextLoader | None = None,
+                 ) -> DiffusionModule | ScoreModule | AutoencoderModule | MiniCLIPModule:
     """Network, schedule (or SDE), objective, optimizer and first stage (latent diffusion) from config; fails fast
-    on bad shapes or values. `first_stage` is built from cfg.first_stage unless given."""
+    on bad shapes or values. `first_stage` is built from cfg.first_stage unless given; `load_clip_text` reads the
+    text tower of text_encoder=mini_clip (lit.checkpoint_io.load_clip_text_encoder)."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    if str(cfg.module.get("_target_", "")).endswith("MiniCLIPModule"):
+        return build_clip_module(cfg)
     if str(cfg.module.get("_target_", "")).endswith("AutoencoderModule"):
         if cfg.get("first_stage"):
             raise ValueError("module=autoencoder trains a first stage; it cannot have one itself: set first_stage=null")
@@ -147,7 +155,7 @@ def build_module(cfg: DictConfig | Mapping[str, Any], *, first_stage: FirstStage
     extra = {"timestep_sampler": instantiate(cfg.timestep_sampler)} if cfg.get("timestep_sampler") else {}
     return instantiate(
         cfg.module,
-        net=instantiate(cfg.model, **net_overrides(cfg, objective)),
+        net=instantiate(cfg.model, **net_overrides(cfg, objective, load_clip_text)),
         betas=instantiate(cfg.schedule),
         objective=objective,
         optimizer=instantiate(cfg.optimizer),
@@ -179,6 +187,27 @@ def build_autoencoder_module(cfg: DictConfig) -> AutoencoderModule:
                        _convert_="all")
 
 
+def build_clip_module(cfg: DictConfig) -> MiniCLIPModule:
+    """module=mini_clip: a CLIP with a noise-aware image tower (clip_model) trained contrastively on captioned data under
+    cfg.schedule; refuses the diffusion-only settings a run of it cannot use, before any work."""
+    if cfg.get("clip_model") is None:
+        raise ValueError("module=mini_clip needs clip_model=<preset> (small; e.g. experiment=digits_clip)")
+    callbacks = cfg.get("callbacks") or {}
+    on = [f"callbacks.{name}" for name in ("sample_grid", "evaluation") if callbacks.get(name)]
+    on += [name for name in ("sampler", "first_stage", "text_encoder") if cfg.get(name)]
+    if on:
+        raise ValueError(f"module=mini_clip trains a CLIP, which draws no samples and has its own text tower, but "
+                         f"{', '.join(on)} {'is' if len(on) == 1 else 'are'} set; set {' '.join(k + '=null' for k in on)} "
+                         "(experiment=digits_clip and fashion_clip do)")
+    if not (cfg.get("data") or {}).get("captions"):
+        raise ValueError("module=mini_clip trains on image-caption pairs but data.captions=false; set data.captions=true")
+    if cfg.get("schedule") is None:
+        raise ValueError("module=mini_clip needs schedule=<the guided model's schedule>: its image tower reads x_t at "
+                         "that schedule's noise levels")
+    return instantiate(cfg.module, net=instantiate(cfg.clip_model), betas=instantiate(cfg.schedule),
+                       optimizer=instantiate(cfg.optimizer), _convert_="all")
+
+
 def autoencoder_from_config(config: Mapping[str, Any], *, source: str) -> Any:
     """The untrained AutoencoderKL of a stored first_stage_model config node (a difflab.nets.* class only)."""
     target = str((config or {}).get("_target_", ""))
@@ -188,7 +217,7 @@ def autoencoder_from_config(config: Mapping[str, Any], *, source: str) -> Any:
     return instantiate(OmegaConf.create(dict(config)), _convert_="all")
 
 
-BUILT_GROUPS = ("module", "model", "first_stage_model", "sde", "schedule", "objective", "timestep_sampler", "optimizer",
+BUILT_GROUPS = ("module", "model", "first_stage_model", "clip_model", "sde", "schedule", "objective", "timestep_sampler", "optimizer",
                 "sampler", "data", "text_encoder")
 
 
@@ -223,6 +252,21 @@ def classifier_net_from_config(config: Mapping[str, Any], *, source: str) -> Any
     return instantiate(net_cfg, _convert_="all")
 
 
+def clip_net_from_config(config: Mapping[str, Any], *, source: str) -> Any:
+    """The untrained MiniCLIP of a stored mini_clip run config (clip_model; difflab.nets.* classes only)."""
+    net_cfg = dict(config.get("clip_model") or {})
+
+    def targets(node: Any) -> list[str]:
+        if isinstance(node, Mapping):
+            return [str(node.get("_target_"))] * ("_target_" in node) + [t for v in node.values() for t in targets(v)]
+        return []
+
+    bad = [t for t in targets(net_cfg) if not t.startswith("difflab.nets.")] or ([] if net_cfg else ["(none)"])
+    if bad:  # the stored config picks what gets called: nets only
+        raise ValueError(f"{source}: clip_model._target_={bad[0]!r} is not allowed; it must name a class in difflab.nets.*")
+    return instantiate(OmegaConf.create(net_cfg), _convert_="all")
+
+
 def sampler_from_config(config: Mapping[str, Any], *, source: str) -> Any:
     """A sampler object from a sampler config node (a difflab.samplers.* target only)."""
     config = checked_stored_config({"sampler": config}, ("sampler",), source=source)["sampler"]
@@ -232,9 +276,12 @@ def sampler_from_config(config: Mapping[str, Any], *, source: str) -> Any:
     return instantiate(OmegaConf.create(dict(config)), _convert_="all")
 
 
-def text_encoder_from_config(cfg: DictConfig | Mapping[str, Any]) -> nn.Module | None:
+def text_encoder_from_config(cfg: DictConfig | Mapping[str, Any], load_clip_text: ClipTextLoader | None = None
+                             ) -> nn.Module | None:
     """The text encoder `cfg.text_encoder` names (None: no text conditioning); a difflab.nets.text.* class only,
-    and text_encoder=clip refused without a text_encoder.path before anything loads."""
+    and text_encoder=clip refused without a text_encoder.path before anything loads. text_encoder=mini_clip reads
+    its tower from text_encoder.ckpt_path with `load_clip_text`, unless the config already describes the tower
+    (a stored run config: the weights come with the checkpoint's state_dict)."""
     config = cfg.get("text_encoder")
     if not config:
         return None
@@ -246,4 +293,12 @@ def text_encoder_from_config(cfg: DictConfig | Mapping[str, Any]) -> nn.Module |
     if "path" in config and (not config["path"] or config["path"] == "???"):
         raise ValueError("text_encoder=clip needs text_encoder.path=<a local folder with a CLIP text model: config.json, "
                          "weights, and vocab.json + merges.txt or tokenizer.json>")
+    if "ckpt_path" in config and not config.get("tower"):  # text_encoder=mini_clip: the tower of a trained CLIP
+        path = config["ckpt_path"]
+        if not path or path == "???":
+            raise ValueError("text_encoder=mini_clip needs text_encoder.ckpt_path=<a mini_clip run's checkpoints/last.ckpt> "
+                             "(difflab-train experiment=digits_clip or fashion_clip writes one)")
+        if load_clip_text is None:
+            raise ValueError("text_encoder=mini_clip needs a checkpoint reader (lit.checkpoint_io.load_clip_text_encoder)")
+        return load_clip_text(str(path))
     return instantiate(OmegaConf.create(config), _convert_="all")

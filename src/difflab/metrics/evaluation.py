@@ -63,6 +63,12 @@ def class_prompt_of(i: int, class_prompts: Sequence[Sequence[str]]) -> str:
     return phrasings[(i // len(class_prompts)) % len(phrasings)]
 
 
+def prompt_id_of(i: int, class_prompts: Sequence[Sequence[str]]) -> int:
+    """The index of sample i's prompt in all phrasings listed class by class (the per-prompt CLIP score's key)."""
+    k = i % len(class_prompts)
+    return sum(len(p) for p in class_prompts[:k]) + (i // len(class_prompts)) % len(class_prompts[k])
+
+
 def evaluate_sampler(
     model: SamplingModel,
     sampler: SamplerLike,
@@ -78,12 +84,15 @@ def evaluate_sampler(
     num_classes: int | None = None,
     precision: str | int | None = None,
     class_prompts: Sequence[Sequence[str]] | None = None,
+    clip: Any = None,
+    clip_scale: float | None = None,
 ) -> dict[str, float]:
     """Stream this rank's share of num_samples through the metrics; returns the synced scores.
 
     With guidance_scale, sample i asks for class i mod K: label i mod num_classes (class-conditional
     models) or a prompt of that class from class_prompts (text models), so every class is equally
-    represented and conditions, like seeds, do not depend on sharding.
+    represented and conditions, like seeds, do not depend on sharding. With `clip` and clip_scale the samples are
+    steered towards their prompts by CLIP guidance (any DDPM model; the model's sample() takes clip, clip_scale).
     """
     metrics.reset()
     block = shard(num_samples, rank, world_size)
@@ -101,8 +110,11 @@ def evaluate_sampler(
             else:
                 kwargs["labels"] = asked
             targets = torch.tensor(asked) if scored else None
+        if clip is not None:
+            kwargs |= {"clip": clip, "clip_scale": clip_scale}
         images = to_uint8(model.sample(sampler, seeds, use_ema=use_ema, **kwargs))
-        metrics.update_fake(images, None if targets is None else targets.to(images.device))
+        ids = None if class_prompts is None else torch.tensor([prompt_id_of(s - seed, class_prompts) for s in seeds])
+        metrics.update_fake(images, None if targets is None else targets.to(images.device), kwargs.get("prompts"), ids)
     return metrics.compute()
 
 
@@ -122,11 +134,15 @@ def evaluate_samplers(
     num_classes: int | None = None,
     precision: str | int | None = None,
     prompt_sets: Mapping[str, Sequence[Sequence[str]]] | None = None,
+    clip: Any = None,
+    clip_scales: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per sampler (and guidance scale w, for conditional models): label, NFE, every metric, settings.
 
     prompt_sets ({"train": per-class phrasings, "heldout": ...}) score a text model: one row per sampler,
-    phrasing set and w, with prompt_accuracy (class_accuracy of the prompts' classes).
+    phrasing set and w, with prompt_accuracy (class_accuracy of the prompts' classes), and clip_score (overall;
+    clip_score_per_prompt: {prompt: score}) when the metrics have a CLIP scorer. `clip` with clip_scales: one row per
+    CLIP guidance scale s as well (any DDPM model, prompted by prompt_sets).
     NFE counts network evaluations per sample: a guided step (w not 0 or 1) evaluates the net twice.
     """
     if prompt_sets is None:
@@ -137,17 +153,25 @@ def evaluate_samplers(
     for sampler in samplers.values():
         sampler.validate(T)
     for sampler in samplers.values():
-        for (phrasing, prompts), w in itertools.product((prompt_sets or {None: None}).items(), guidance_scales or [None]):
+        for (phrasing, prompts), w, s in itertools.product((prompt_sets or {None: None}).items(), guidance_scales or [None],
+                                                           (clip_scales or [None]) if clip is not None else [None]):
             start = time.perf_counter()
             scores = evaluate_sampler(
                 model, sampler, metrics, num_samples=num_samples, batch_size=batch_size, seed=seed,
                 rank=rank, world_size=world_size, use_ema=use_ema, guidance_scale=w, num_classes=num_classes,
-                precision=precision, class_prompts=prompts,
+                precision=precision, class_prompts=prompts, clip=None if s is None else clip, clip_scale=s,
             )
             label, nfe = sampler_label(sampler, T), sampler.nfe(T)
             row = {"sampler": label if w is None else f"{label}-w{w:g}", "nfe": nfe if w in (None, 0.0, 1.0) else 2 * nfe}
             if w is not None:
                 row["guidance_scale"] = w
+            if s is not None:
+                row["sampler"] += f"-clip{s:g}"
+                row["clip_guidance_scale"] = s
+            if "clip_scores" in scores:  # per prompt: {prompt: CLIP score} over the prompts this set asked for
+                flat = [p for phrasings in (prompts or []) for p in phrasings]
+                scores["clip_score_per_prompt"] = {flat[i]: v for i, v in enumerate(scores.pop("clip_scores"))
+                                                   if i < len(flat) and v == v}
             if phrasing is not None:
                 row["sampler"] += f"-{phrasing}"
                 row["prompts"] = phrasing

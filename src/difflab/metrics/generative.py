@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from difflab.metrics.clip_score import CLIPScoreBank, CLIPScorer
 from difflab.metrics.extractors.base import FeatureExtractor
 from difflab.metrics.reference import ReferenceStats
 from difflab.metrics.scores import frechet_distance, inception_score, kernel_distance, precision_recall
@@ -36,7 +37,7 @@ MetricName = Literal["fid", "is", "kid", "precision_recall"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 NEEDS_REFERENCE = ("fid", "kid", "precision_recall")
 RESULT_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
-               "class_accuracies", "class_fid")
+               "class_accuracies", "class_fid", "clip_score", "clip_scores")
 
 
 class FeatureBank(Metric):
@@ -110,6 +111,12 @@ class GenerativeMetrics(nn.Module):
         self.bank = FeatureBank(keep_features=needs_features, keep_logits="is" in self.metrics)
         self.reference: ReferenceStats | None = None
         self.class_references: list[ReferenceStats] | None = None
+        self.clip_scorer: CLIPScorer | None = None
+        self.clip_bank = CLIPScoreBank()
+
+    def set_clip_scorer(self, scorer: CLIPScorer | None) -> None:
+        """A CLIP (metrics/clip_score.py) that scores images given with their prompts: clip_score (Hessel et al. 2021)."""
+        self.clip_scorer = scorer
 
     def set_class_references(self, references: Sequence[ReferenceStats] | None) -> None:
         """Per-class real-image statistics (index = class) for `class_fid`; None turns it off."""
@@ -127,8 +134,13 @@ class GenerativeMetrics(nn.Module):
         self.reference = reference
 
     @torch.no_grad()
-    def update_fake(self, images: Tensor, targets: Tensor | None = None) -> None:
-        """Add generated uint8 images (B, C, H, W), with the class each was asked for (targets (B,)) if any."""
+    def update_fake(self, images: Tensor, targets: Tensor | None = None, prompts: Sequence[str] | None = None,
+                    prompt_ids: Tensor | None = None) -> None:
+        """Add generated uint8 images (B, C, H, W), with the class each was asked for (targets (B,)) if any, and the
+        prompt each was asked for (and its id, for the per-prompt CLIP score) when a CLIP scorer is set."""
+        if self.clip_scorer is not None and prompts is not None:
+            ids = torch.zeros(len(prompts), dtype=torch.long) if prompt_ids is None else prompt_ids
+            self.clip_bank.update(self.clip_scorer(images, list(prompts)).to(self.bank.device), ids.to(self.bank.device))
         features, logits = self.extractor.features_and_logits(images)  # (B, D), (B, K)
         if targets is not None and int(targets.max()) >= self.extractor.num_classes:
             raise ValueError(f"target class {int(targets.max())} is outside the extractor's {self.extractor.num_classes} "
@@ -139,6 +151,7 @@ class GenerativeMetrics(nn.Module):
     def reset(self) -> None:
         """Forget the fake images; the reference stays."""
         self.bank.reset()
+        self.clip_bank.reset()
 
     def compute(self) -> dict[str, float]:
         """Collective under DDP: call on every rank; every rank gets the same dict."""
@@ -151,6 +164,8 @@ class GenerativeMetrics(nn.Module):
         out = {**self._reference_scores(features), **self._inception_score(logits)}
         if (targets >= 0).any():
             out |= self._class_scores(features, logits, targets)
+        if self.clip_scorer is not None:  # a collective too: every rank takes part, images or not
+            out |= self.clip_bank.compute()
         return {k: out[k] for k in RESULT_KEYS if k in out}
 
     def _class_scores(self, features: Tensor, logits: Tensor, targets: Tensor) -> dict[str, float | list[float]]:

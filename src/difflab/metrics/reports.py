@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
-               "prompt_accuracy")
+               "prompt_accuracy", "clip_score")
 
 
 def flat_metrics(rows: Iterable[dict[str, Any]], prefix: str = "eval") -> dict[str, float]:

@@ -341,3 +341,29 @@ class CLIPTextEncoder(TextEncoder):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+
+class FrozenTextEncoder(TextEncoder):
+    """A trained text tower used frozen by a text-to-image model: mini_clip's ScratchTextEncoder (nets/clip.py),
+    read from its checkpoint (text_encoder=mini_clip text_encoder.ckpt_path=...), as LDM / Imagen use a frozen
+    CLIP or T5 (Rombach et al. 2022, Sec. 3.3). tokens and pooled are the tower's own (before CLIP's projection).
+
+    Always in eval mode without gradients; `tower` holds the weights (they travel in the diffusion checkpoint), and
+    `ckpt_path` only records where they came from.
+    """
+
+    trainable = False
+
+    def __init__(self, *, tower: TextEncoder, ckpt_path: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(tower, TextEncoder):
+            raise TypeError(f"tower must be a difflab text encoder (nets/text.py), got {type(tower).__name__}")
+        self.tower = tower.requires_grad_(False).eval()
+        self.tokenizer, self.width, self.ckpt_path = tower.tokenizer, tower.width, ckpt_path
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        return super().train(False)  # frozen: dropout never on, whatever the surrounding module does
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tower(tokens, mask)

@@ -23,7 +23,7 @@ from difflab.nets.inference import active_autocast_dtype, autocast_dtype, precis
 from difflab.samplers.base import Callback, ModelFn, Sampler
 from difflab.samplers.edit import Edit, Encoder, check_edit_sampler, check_edit_shape, edited_call, latent_edit
 from difflab.samplers.families import check_sampler_fits
-from difflab.samplers.guidance import classifier_free_guidance, classifier_grad
+from difflab.samplers.guidance import classifier_free_guidance, classifier_grad, clip_grad, summed
 
 Labels = Sequence[int] | Tensor | None
 Prompts = Sequence[str] | str | None
@@ -31,20 +31,29 @@ Prompts = Sequence[str] | str | None
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free scale w (0 unconditional, 1 conditional, > 1 guided) and classifier guidance (classifier, s)."""
+    """Classifier-free scale w (0 unconditional, 1 conditional, > 1 guided), classifier guidance (classifier, s) and
+    CLIP guidance (a noise-aware CLIP, nets/clip.py, and its scale s; the prompt is generate()'s)."""
 
     scale: float = 1.0
     classifier: nn.Module | None = None
     classifier_scale: float = 0.0
+    clip: nn.Module | None = None
+    clip_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.scale >= 0 or not self.classifier_scale >= 0:
             raise ValueError(f"guidance_scale={self.scale!r} and classifier_scale={self.classifier_scale!r} must be >= 0 "
                              "(guidance_scale: 0 unconditional, 1 conditional, > 1 guided; classifier_scale: 0 = off)")
+        if not self.clip_scale >= 0:
+            raise ValueError(f"clip_guidance_scale={self.clip_scale!r} must be >= 0 (0 = off, bit for bit)")
 
     @property
     def uses_classifier(self) -> bool:
         return self.classifier is not None and self.classifier_scale > 0
+
+    @property
+    def uses_clip(self) -> bool:
+        return self.clip is not None and self.clip_scale > 0
 
 
 def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device) -> tuple[Tensor, list[torch.Generator]]:
@@ -108,9 +117,30 @@ def check_request(family: NoiseFamily, sampler: Sampler, *, model_variance: str,
         raise ValueError(f"classifier guidance (classifier_scale={guidance.classifier_scale}) needs a sampler that "
                          f"supports it (ddpm, ddim), not {sampler.name!r}; use classifier-free guidance "
                          "(guidance_scale) with this sampler, or sampler=ddpm|ddim")
+    if guidance.uses_clip and not sampler.supports_classifier_guidance:
+        raise ValueError(f"CLIP guidance (clip_guidance_scale={guidance.clip_scale}) adds a gradient term to each step, "
+                         f"which sampler {sampler.name!r} cannot take; use sampler=ddpm or ddim")
+    if guidance.clip is not None and family.name != "ddpm":
+        raise ValueError(f"guidance=clip needs a DDPM model (mini_clip reads timestep indices t); this is a "
+                         f"{family.name!r} score model")
     if has_labels and family.name != "ddpm":
         raise ValueError(f"labels / guidance were given but this {family.name!r} score model is unconditional; "
                          "class conditioning and guidance exist for DDPM models (experiment=digits_cfg)")
+
+
+def check_clip_fits(clip: nn.Module, net: nn.Module, *, latent: bool) -> None:
+    """A noise-aware CLIP guides a model whose x_t it can read: pixel space, the same image size and channels."""
+    source = getattr(clip, "stored_config", {}).get("path", "the CLIP")
+    if latent:
+        raise ValueError(f"guidance=clip on a latent diffusion model: clip_ckpt_path={source!r} is a pixel-space CLIP, "
+                         "whose image tower cannot read the first stage's latents; use CLIP guidance on a pixel-space "
+                         "model, or classifier-free guidance (a text model, experiment=fashion_t2i) on this one")
+    mine = (clip.in_channels, clip.image_size)
+    theirs = (net.in_channels, net.image_size)
+    if mine != theirs:
+        raise ValueError(f"clip_ckpt_path={source!r} was trained on {mine[0]}-channel {mine[1]}x{mine[1]} images, the "
+                         f"model draws {theirs[0]}-channel {theirs[1]}x{theirs[1]} ones; train a mini_clip on the model's "
+                         f"data (data.image_size={theirs[1]} data.channels={theirs[0]})")
 
 
 def guided_model_fn(net: nn.Module, cond: Conditioning | None, guidance: Guidance, mean_channels: int,
@@ -167,7 +197,9 @@ def generate(
 
     labels (one per seed, or one for all) condition a class-conditional net (guidance.scale is the
     classifier-free w) or steer a noise-aware guidance.classifier; prompts (one per seed, or one for all)
-    condition a text net the same way, against the empty prompt or `negative_prompt`; precision bf16-mixed / 16-mixed
+    condition a text net the same way, against the empty prompt or `negative_prompt`, and are what guidance.clip (a
+    noise-aware CLIP on pixels of the net's size) steers towards on any DDPM net, with scale guidance.clip_scale
+    (GLIDE Sec. 3.2; 0 changes nothing, bit for bit); precision bf16-mixed / 16-mixed
     runs the net under autocast with weights cast once; None or 32 keeps the caller's context.
 
     edit (samplers/edit.py): Inpaint imposes known pixels after every step (RePaint, the PC inpainter),
@@ -181,8 +213,13 @@ def generate(
     if edit is not None:
         check_edit_sampler(edit, sampler)
     is_text = getattr(net, "text_encoder", None) is not None
-    texts = prompt_list(prompts, len(seeds), is_text=is_text, has_labels=labels is not None)
-    if negative_prompt is not None and texts is None:
+    if guidance.clip is not None:  # CLIP guidance: the prompt is CLIP's (and the net's, on a text model)
+        check_clip_fits(guidance.clip, net, latent=decoder is not None)
+        if prompts is None:
+            raise ValueError("guidance=clip needs a prompt (prompt=\"a handwritten seven\"): CLIP guidance steers towards it")
+    texts = prompt_list(prompts, len(seeds), is_text=is_text or guidance.clip is not None,
+                        has_labels=labels is not None and is_text)
+    if negative_prompt is not None and (texts is None or not is_text):
         raise ValueError(f"negative_prompt={negative_prompt!r} needs a prompt on a text-to-image model")
     y = None if is_text and not guidance.uses_classifier else labels_tensor(
         labels, len(seeds), getattr(net, "num_classes", None), device, for_classifier=guidance.uses_classifier)
@@ -198,7 +235,7 @@ def generate(
     with precision_autocast(dtype if precision is not None else None, device.type):
         run_net = sampling_net(net, dtype)
         null = None
-        if texts is not None:  # the text encoder runs once per call, not once per step
+        if texts is not None and is_text:  # the text encoder runs once per call, not once per step
             cond, null = text_conditions(run_net, texts, negative_prompt, device)
         model_fn = guided_model_fn(run_net, cond, guidance, net.in_channels, null)
         extra: dict = {}
@@ -206,8 +243,14 @@ def generate(
             extra["model_variance"] = model_variance
         elif model_variance != "fixed":  # samplers without Sigma_theta need only the mean (eps/x0/v) channels
             model_fn = _mean_channels(model_fn, net.in_channels)
+        cond_fns = []  # gradient guidance: classifier and CLIP (GLIDE Sec. 3.2), summed; none at scale 0
         if guidance.uses_classifier:
-            extra["cond_fn"] = classifier_grad(guidance.classifier, y, scale=guidance.classifier_scale)
+            cond_fns.append(classifier_grad(guidance.classifier, y, scale=guidance.classifier_scale))
+        if guidance.uses_clip:
+            text = guidance.clip.encode_prompts(texts).float()  # (B, D) unit vectors, once per call
+            cond_fns.append(clip_grad(guidance.clip.encode_image, text, scale=guidance.clip_scale))
+        if cond_fns:
+            extra["cond_fn"] = summed(cond_fns)
         out = sampler(model_fn, x_T, family, parameterization=parameterization, generator=generators,
                       callback=callback, **extra, **edit_kwargs)
         return out if decoder is None else decoder(out).float()

@@ -59,3 +59,32 @@ def classifier_grad(classifier: Callable[[Tensor, Tensor], Tensor], labels: Tens
         return (scale * grad).to(x_t.dtype)
 
     return cond_fn
+
+
+ImageEncoder = Callable[[Tensor, Tensor], Tensor]  # f_img(x_t, t) -> (B, D) unit vectors
+
+
+def clip_grad(encode_image: ImageEncoder, text: Tensor, *, scale: float) -> CondFn:
+    """cond_fn(x_t, t) = s grad_x cos(f_img(x_t, t), g_text) for unit text embeddings text (B, D) (GLIDE, Nichol et al. 2021, Sec. 3.2).
+
+    DDPM adds Sigma cond_fn to its mean and DDIM subtracts sqrt(1 - alpha_bar) cond_fn from eps, as for classifier
+    guidance; GLIDE's noised CLIP gives the gradient of f_img(x_t, t) . g(c), here of the cosine (unit vectors).
+    """
+    def cond_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x_t.detach().clone().requires_grad_(True)
+            f = F.normalize(encode_image(x, t.clone()).float(), dim=-1)  # (B, D)
+            cos = (f * text.clone().to(f.device)).sum(dim=-1)  # (B,)
+            (grad,) = torch.autograd.grad(cos.sum(), x)
+        return (scale * grad).to(x_t.dtype)
+
+    return cond_fn
+
+
+def summed(cond_fns: list[CondFn]) -> CondFn | None:
+    """One cond_fn adding the gradients of several (classifier and CLIP guidance together); None for none."""
+    if not cond_fns:
+        return None
+    if len(cond_fns) == 1:
+        return cond_fns[0]
+    return lambda x_t, t: sum(fn(x_t, t) for fn in cond_fns)
