@@ -82,7 +82,7 @@ def check_progressive_steps(start_steps: int, end_steps: int, T: int) -> int:
 def consistency_scalings(sigma: Tensor, sigma_min: float, sigma_data: float) -> tuple[Tensor, Tensor]:
     """c_skip = s_d^2 / ((sigma - sigma_min)^2 + s_d^2), c_out = s_d (sigma - sigma_min) / sqrt(s_d^2 + sigma^2)
     (Song et al. 2023, App. C): c_skip(sigma_min) = 1 and c_out(sigma_min) = 0 exactly."""
-    d = (sigma - sigma_min).clamp(min=0)
+    d = (sigma - torch.as_tensor(sigma_min, dtype=sigma.dtype)).clamp(min=0)
     return sigma_data**2 / (d**2 + sigma_data**2), sigma_data * d / (sigma_data**2 + sigma**2).sqrt()
 
 
@@ -94,7 +94,8 @@ def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
 def consistency_function(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
     """f(x, sigma) = c_skip x + c_out F, with F = (D - c_skip^EDM x) / c_out^EDM the EDM network output implied by the
     denoiser D (Song et al. 2023, Eq. 5 and App. C; Karras et al. 2022, Eq. 7). sigma (B,); f(x, sigma_min) = x."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    sigma = torch.as_tensor(sigma, device=x.device)  # in its own dtype: sigma == sigma_min compares exactly there
+    sigma = sigma if sigma.is_floating_point() else sigma.double()
     c_skip, c_out = consistency_scalings(sigma, sigma_min, sigma_data)
     e_skip, e_out = edm_scalings(sigma, sigma_data)
     # c_out / c_out^EDM = (sigma - sigma_min) / sigma: bounded, and exactly 0 at sigma_min

@@ -77,7 +77,7 @@ class ConsistencyDistillation(DistillationModule):
         sigma_data: float = 0.5,
         rho: float = 7.0,
         n_start: int = 18,
-        n_end: int = 18,
+        n_end: int = 17,
         mu0: float = 0.95,
         solver: Solver = "heun",
         distance: Distance = "pseudo_huber",

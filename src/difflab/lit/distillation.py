@@ -103,9 +103,9 @@ class DistillationModule(DiffusionModule):
         super().check_sampler(sampler)
         if not any(self.same_sampler(sampler, native) for native in self.native_samplers()):
             allowed = ", ".join(describe(s) for s in self.native_samplers())
-            raise ValueError(f"this {self.method}-distillation student was distilled for {allowed}; it cannot sample with "
-                             f"{describe(sampler)}. Allowed: {allowed}; difflab-sample without sampler= uses "
-                             f"{self.native_samplers()[0].name}")
+            raise ValueError(f"this {self.method}-distillation student cannot sample with {describe(sampler)}: it was "
+                             f"distilled for {allowed} only (difflab-sample without sampler= uses "
+                             f"{self.native_samplers()[0].name})")
 
     @staticmethod
     def same_sampler(sampler: Sampler, native: Sampler) -> bool:
