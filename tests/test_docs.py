@@ -298,6 +298,14 @@ def tiny_diffusers_vae(folder: Path, channels: int) -> Path:
     return path
 
 
+def mini_clip_text_stand_in(path: str):
+    """For text_encoder=mini_clip (a checkpoint the user gives): clip_model=small's untrained text tower, frozen."""
+    from difflab.nets.text import FrozenTextEncoder, ScratchTextEncoder
+
+    tower = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "clip_model" / "small.yaml").text_encoder)
+    return FrozenTextEncoder(tower=ScratchTextEncoder(**{k: v for k, v in tower.items() if k != "_target_"}), ckpt_path=path)
+
+
 def check_command(cmd: Command, paths: dict[str, Path]) -> None:
     cfg = compose_command(cmd, paths)
     if cmd.config == "train":
@@ -308,6 +316,8 @@ def check_command(cmd: Command, paths: dict[str, Path]) -> None:
             from test_configs import small_autoencoder
 
             module = build_module(cfg, load_autoencoder=small_autoencoder(cfg))
+        elif (cfg.get("text_encoder") or {}).get("ckpt_path"):  # text_encoder=mini_clip: an untrained tower stands in
+            module = build_module(cfg, load_clip_text=mini_clip_text_stand_in)
         else:
             module = build_module(cfg)
         assert module is not None
