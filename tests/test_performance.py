@@ -75,8 +75,9 @@ class _FakeMetrics:
     def reset(self) -> None:
         self.sizes.clear()
 
-    def update_fake(self, images: torch.Tensor) -> None:
-        assert images.dtype == torch.uint8
+    def update_fake(self, images: torch.Tensor, targets: torch.Tensor | None = None,
+                    prompts: list[str] | None = None, prompt_ids: torch.Tensor | None = None) -> None:
+        assert images.dtype == torch.uint8 and targets is None and prompts is None
         self.sizes.append(images.shape[0])
 
     def compute(self) -> dict[str, float]:

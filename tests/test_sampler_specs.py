@@ -38,7 +38,7 @@ def yaml_options(path: Path) -> dict:
 
 
 def test_the_group_names_every_sampler_file():
-    assert sampler_config_names() == [p.stem for p in SAMPLER_FILES] == ["ald", "ddim", "ddpm", "dpmpp", "heun", "ode", "pc"]
+    assert sampler_config_names() == [p.stem for p in SAMPLER_FILES] == ["ald", "consistency", "ddim", "ddpm", "dpmpp", "heun", "ode", "pc"]
 
 
 @pytest.mark.parametrize("path", SAMPLER_FILES, ids=lambda p: p.stem)
@@ -95,8 +95,8 @@ def test_compact_specs_equal_their_long_form(spec, long_form, direct):
     ({"name": "ddim", "stepz": 3}, r"'stepz' is not an option of sampler=ddim .*\['steps', 'eta', 'spacing', 'clip_x0', "
                                    r"'dynamic_percentile'\]"),
     ({"name": "ddim", "_target_": "os.system"}, r"'_target_' is not an option of sampler=ddim"),
-    ({"name": "euler", "steps": 3}, r"'euler' is not a sampler config; choose one of \['ald', 'ddim', 'ddpm', 'dpmpp', "
-                                    r"'heun', 'ode', 'pc'\]"),
+    ({"name": "euler", "steps": 3}, r"'euler' is not a sampler config; choose one of \['ald', 'consistency', 'ddim', "
+                                    r"'ddpm', 'dpmpp', 'heun', 'ode', 'pc'\]"),
     ("euler", r"'euler' is not a sampler config; choose one of \['ald'"),
     ("euler-3", r"sampler 'euler-3' is not understood; use ddpm\[-<steps>\]"),
     ("ddim-x", r"sampler 'ddim-x' is not understood"),
