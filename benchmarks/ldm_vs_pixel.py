@@ -5,7 +5,8 @@ Both pipelines run at the same time, each with `--threads` threads, so both see 
 - latent: `difflab-train experiment=fashion_autoencoder` for `--ae-share` of the budget, then
   `difflab-train experiment=fashion_ldm` on its last.ckpt for the rest.
 Neither runs its periodic grids or in-training evaluation. Then both are scored by `difflab-eval` with the same
-settings: `--samples` DDIM-50 samples per guidance scale, FID / IS / precision / recall in the Fashion-MNIST
+settings: `--samples` stochastic DDIM-50 (eta = 1) samples per guidance scale (deterministic DDIM lets
+undertrained latent models diverge, docs/latent_diffusion.md), FID / IS / precision / recall in the Fashion-MNIST
 classifier's features (`make data` trains it), samples per second of the sampling itself (decoding included).
 The autoencoder's PSNR and rFID (its last validation) are reported too.
 
@@ -74,7 +75,7 @@ def train_both(out: Path, budget: float, ae_share: float, threads: int) -> dict[
 
 def evaluate(out: Path, name: str, samples: int, threads: int) -> list[dict]:
     ckpt = out / name / "checkpoints" / "last.ckpt"
-    proc = launch(["difflab.cli.evaluate", f"ckpt_path={ckpt}", f"num_samples={samples}", "samplers=[ddim-50]",
+    proc = launch(["difflab.cli.evaluate", f"ckpt_path={ckpt}", f"num_samples={samples}", "samplers=[ddim-50-eta1]",
                    "guidance_scales=[1.0,2.0]", "metrics.names=[fid,is,precision_recall]", "bpd.num_images=0",
                    f"out_dir={out / name / 'bench_eval'}"], out / f"{name}_eval.log", threads)
     wait(proc, f"difflab-eval of {name}")
