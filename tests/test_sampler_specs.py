@@ -126,3 +126,20 @@ def test_your_own_sampler_configs_work_through_the_search_path(tmp_path):
         HydraConfig().set_config(cfg)  # as inside the running difflab-eval
         assert "ddim_trailing" in sampler_config_names()
         assert build_sampler({"name": "ddim_trailing", "eta": 0.5}) == DDIM(steps=7, spacing="trailing", eta=0.5)
+
+
+def test_difflab_eval_scores_the_runs_configured_sampler_unless_samplers_are_named():
+    from types import SimpleNamespace
+
+    from difflab.cli.evaluate import default_samplers
+    from difflab.samplers import DDIM
+
+    listed = build_samplers(["ddim-50"])
+    stochastic = {"_target_": "difflab.samplers.DDIM", "steps": 50, "eta": 1.0}
+    configured = SimpleNamespace(module=object(), config={"sampler": stochastic})
+    assert list(default_samplers(configured, listed, source="t").values()) == [DDIM(steps=50, eta=1.0)]
+    plain = SimpleNamespace(module=object(), config={"sampler": None})
+    assert default_samplers(plain, listed, source="t") is listed
+    hostile = SimpleNamespace(module=object(), config={"sampler": {"_target_": "os.system"}})
+    with pytest.raises(ValueError, match="not allowed"):
+        default_samplers(hostile, listed, source="t")

@@ -29,6 +29,7 @@ from difflab.diffusion.ode_likelihood import ode_bits_per_dim
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.lit.base import check_clip_schedule
 from difflab.lit.checkpoint_io import LoadedRun, load_classifier, load_clip, load_run
+from difflab.lit.from_config import sampler_from_config
 from difflab.lit.posthoc_ema import apply_to
 from difflab.metrics.build import build_metrics
 from difflab.metrics.clip_score import HFCLIPScorer, MiniCLIPScorer
@@ -165,8 +166,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # on the CPU first: a missing feature classifier is trained before any process group exists
     run = load_run(ckpt_path)
     module, run_cfg = run.module, OmegaConf.create(run.config)
-    if hasattr(module, "native_samplers") and not _samplers_named():  # a student: its own samplers and steps
-        samplers = {s.name: s for s in module.native_samplers()}
+    if not _samplers_named():
+        samplers = default_samplers(run, samplers, source=f"ckpt_path={str(ckpt_path)!r}")
     for s in samplers.values():
         module.check_sampler(s)
     students = load_students(cfg.get("students") or [], run_cfg)  # checked before any sampling
@@ -248,6 +249,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if world > 1:
         dist.barrier()
     return result
+
+
+def default_samplers(run: LoadedRun, listed: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """The samplers scored when samplers= is not on the command line: a distilled student's native ones, else the
+    sampler its run was configured with (the run config's `sampler`, as difflab-sample picks it), else `listed`
+    (conf/eval.yaml's samplers)."""
+    if hasattr(run.module, "native_samplers"):  # a student: its own samplers and steps
+        return {s.name: s for s in run.module.native_samplers()}
+    configured = run.config.get("sampler")
+    if configured:
+        sampler = sampler_from_config(configured, source=source)
+        log.info("no samplers named: scoring the run's configured sampler %s", sampler.name)
+        return {sampler.name: sampler}
+    return listed
 
 
 def _samplers_named() -> bool:
