@@ -91,9 +91,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=900.0, help="seconds of training per pipeline")
     parser.add_argument("--ae-share", type=float, default=1 / 3, help="the autoencoder's share of the latent budget")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1, help="threads per pipeline (both run at once)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per pipeline (both train at once)")
+    parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1,
+                        help="threads of each evaluation (they run one after the other, after training)")
     parser.add_argument("--out", type=Path, default=Path("outputs/ldm_vs_pixel"))
     args = parser.parse_args()
+    if args.threads < 1 or args.eval_threads < 1:
+        raise SystemExit(f"--threads={args.threads} and --eval-threads={args.eval_threads} must be >= 1")
     if not 0 < args.ae_share < 1:
         raise SystemExit(f"--ae-share={args.ae_share} must lie strictly between 0 and 1")
     if args.out.exists() and any(args.out.iterdir()):
@@ -102,8 +106,8 @@ def main() -> None:
     timing = train_both(args.out, args.budget, args.ae_share, args.threads)
     result = {"budget_s": args.budget, "threads": args.threads, **timing,
               "autoencoder": {"steps": steps_of(args.out / "ae"), **last_validation(args.out / "ae")},
-              "pixel": {"steps": steps_of(args.out / "pixel"), "eval": evaluate(args.out, "pixel", args.samples, args.threads)},
-              "ldm": {"steps": steps_of(args.out / "ldm"), "eval": evaluate(args.out, "ldm", args.samples, args.threads)}}
+              "pixel": {"steps": steps_of(args.out / "pixel"), "eval": evaluate(args.out, "pixel", args.samples, args.eval_threads)},
+              "ldm": {"steps": steps_of(args.out / "ldm"), "eval": evaluate(args.out, "ldm", args.samples, args.eval_threads)}}
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     print("| pipeline | steps | w | FID | IS | precision | recall | samples/s |")
     print("|---|---|---|---|---|---|---|---|")
