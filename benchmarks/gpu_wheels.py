@@ -62,7 +62,7 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64"]
 MAX_MIB = 40.0  # the wheels travel with the working tree (64 MiB in all for a device call)
 
-# The GPU machine's packages (../shared/ECOSYSTEM-NOTES.md, "The GPU machine we test on", read 2026-11-17),
+# The GPU machine's packages (as its operators listed them, read 2026-11-17; docs/performance.md, "GPU check"),
 # with the versions a session saw there where we know them (None: present, version not recorded).
 GPU_PYTHON = "3.12.3"
 GPU_VERSIONS = {

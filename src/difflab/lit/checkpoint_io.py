@@ -242,10 +242,12 @@ class LoadedRun:
         return self.checkpoint.family
 
 
-def load_run(path: str | os.PathLike, device: torch.device | str = "cpu", *, name: str = "ckpt_path") -> LoadedRun:
-    """Read a difflab-train checkpoint once, rebuild its module from the stored config and load its weights."""
+def load_run(path: str | os.PathLike, device: torch.device | str = "cpu", *, name: str = "ckpt_path",
+             hint: str = "; difflab-sample and difflab-eval read difflab-train checkpoints") -> LoadedRun:
+    """Read a difflab-train checkpoint once, rebuild its module from the stored config and load its weights; a
+    checkpoint of another kind is refused with `hint` appended."""
     ckpt = read_checkpoint(path, name=name)
-    ckpt.require_kind("diffusion", hint="; difflab-sample and difflab-eval read difflab-train checkpoints")
+    ckpt.require_kind("diffusion", hint=hint)
     source = f"{name}={str(ckpt.path)!r}"
     config = checked_stored_config(ckpt.config, source=source)
     module = build_module(config, load_clip_text=load_clip_text_encoder)

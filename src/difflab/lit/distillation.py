@@ -19,7 +19,7 @@ from difflab.diffusion.objectives import SimpleLoss
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import UniformTimesteps
 from difflab.lit.base import OptimizerFactory
-from difflab.lit.checkpoint_io import load_run, read_checkpoint
+from difflab.lit.checkpoint_io import load_run
 from difflab.lit.diffusion_module import DiffusionModule
 from difflab.lit.resume import check_state_dict_fits
 from difflab.samplers.base import Sampler
@@ -169,9 +169,8 @@ def attach_teacher(module: Any, teacher_path: str | None, run_config: Mapping[st
 
 def load_teacher(path: str) -> DiffusionModule:
     """A DDPM teacher's module (weights and EMA) from a difflab-train checkpoint; anything else is refused by name."""
-    ckpt = read_checkpoint(path, name="teacher.ckpt_path")
-    ckpt.require_kind("diffusion", hint="; a teacher is a diffusion model's difflab-train checkpoint (make train's last.ckpt)")
-    run = load_run(path, name="teacher.ckpt_path")
+    run = load_run(path, name="teacher.ckpt_path",
+                   hint="; a teacher is a diffusion model's difflab-train checkpoint (make train's last.ckpt)")
     module = run.module
     module.run_config = run.config
     where = f"teacher.ckpt_path={path!r}"
