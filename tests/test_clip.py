@@ -234,3 +234,57 @@ def test_digits_clip_end_to_end_guided_sampling_and_text_encoder(tmp_path):
         "guidance_scale=3", "guidance=clip", f"clip_ckpt_path={clip_ckpt}", "clip_guidance_scale=20", "num_samples=2",
         "sampler.steps=3", f"out_dir={out}", cwd=tmp_path)
     assert (out / "ddim-3_n2_seed0_p-a-handwritten-seven_w3_clip20.npz").is_file()
+
+
+def _tiny_hf_clip(folder: Path) -> Path:
+    """A randomly initialised transformers CLIPModel (16 px images) and its CLIPProcessor, saved with save_pretrained."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 40, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_path_scores_with_a_local_transformers_clip_as_torchmetrics_does(tmp_path, monkeypatch):
+    from torchmetrics.multimodal import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    from difflab.metrics.clip_score import HFCLIPScorer, clip_score
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _tiny_hf_clip(tmp_path / "clip")
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a pair of trousers", "a bag", "an ankle boot", "a bag"]
+    cos = HFCLIPScorer(folder)(images, prompts)  # grey images go in as RGB
+    assert cos.shape == (4,) and bool(((cos >= -1) & (cos <= 1)).all())
+
+    class Features(torch.nn.Module):  # torchmetrics expects tensors; transformers >= 5 returns outputs (pooler_output)
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, *args, **kw):
+            out = self.model.get_image_features(*args, **kw)
+            return getattr(out, "pooler_output", out)
+
+        def get_text_features(self, *args, **kw):
+            out = self.model.get_text_features(*args, **kw)
+            return getattr(out, "pooler_output", out)
+
+    reference = CLIPScore(model_name_or_path=lambda: (Features(CLIPModel.from_pretrained(folder)),
+                                                      CLIPProcessor.from_pretrained(folder)))
+    reference.update(list(images.expand(-1, 3, -1, -1)), prompts)
+    assert clip_score(cos) == pytest.approx(float(reference.compute()), abs=1e-3)
+    with pytest.raises(FileNotFoundError, match=r"clip_path=.*holds no CLIP model \(config.json not found\)"):
+        HFCLIPScorer(tmp_path / "empty")
