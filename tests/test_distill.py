@@ -308,3 +308,37 @@ def test_bad_input_is_refused_before_training(runs, tmp_path, overrides, match):
     finally:
         GlobalHydra.instance().clear()
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_class_conditional_teacher_is_distilled_guided_at_the_modules_scale():
+    """Meng et al. 2023, stage one: the teacher's x0 is that of eps_null + w (eps_label - eps_null), clipped."""
+    import functools
+
+    from difflab.lit.progressive import ProgressiveDistillation
+    from difflab.nets.conditioning import Conditioning
+    from difflab.nets.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(image_size=8, in_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=3)
+    with torch.no_grad():  # zero-initialised output layers would make every prediction 0
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    make = functools.partial(ProgressiveDistillation, net=net, betas=linear_betas(1000),
+                             optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    z, t, labels = torch.randn(4, 1, 8, 8), torch.tensor([999, 500, 100, 10]), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():  # the teacher is a frozen copy in eval mode (no dropout)
+        net.eval()
+        eps_c = net(z, t, Conditioning(labels=labels))
+        eps_u = net(z, t, Conditioning(labels=torch.full_like(labels, 3)))  # the null label
+        net.train()
+    ab = NoiseSchedule.from_betas(linear_betas(1000)).alpha_bar[t].reshape(-1, 1, 1, 1).float()
+    for w in (None, 3.0):
+        module = make(guidance_scale=w)
+        module.teacher_parameterization = "eps"
+        eps = eps_c if w is None else eps_u + w * (eps_c - eps_u)
+        expected = ((z - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+        with torch.no_grad():
+            got = module.teacher_x0(labels)(z, t)
+        assert torch.allclose(got, expected, atol=1e-5), w
+    with pytest.raises(ValueError, match=r"guidance_scale=-1.0 must be >= 0"):
+        make(guidance_scale=-1.0)
