@@ -266,7 +266,7 @@ def default_samplers(run: LoadedRun, listed: dict[str, Any], *, source: str) -> 
 
 
 def _samplers_named() -> bool:
-    """Whether this command named samplers= (else a student is scored with its own native samplers)."""
+    """Whether this command named samplers= (else default_samplers chooses them)."""
     from hydra.core.hydra_config import HydraConfig
 
     task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
