@@ -42,6 +42,12 @@ ROWS = {
              ("replace ddpm-250", "ddpm-250", "repaint", 1, 1), ("repaint ddpm-25 j5 r5", "ddpm-25", "repaint", 5, 5)],
     "score": [("pc inpainter pc-200", "pc-200", "pc", 1, 1), ("pc inpainter pc-290", "pc-290", "pc", 1, 1),
               ("repaint pc-100 j5 r3", "pc-100", "repaint", 5, 3)],
+    # RePaint's j and r around the defaults (the paper: T = 250, j = r = 10), at and beyond the default's cost
+    "search": [("repaint ddpm-50 j2 r5", "ddpm-50", "repaint", 2, 5), ("repaint ddpm-50 j5 r3", "ddpm-50", "repaint", 5, 3),
+               ("repaint ddpm-50 j10 r5", "ddpm-50", "repaint", 10, 5),
+               ("repaint ddpm-50 j5 r10", "ddpm-50", "repaint", 5, 10),
+               ("repaint ddpm-50 j10 r10", "ddpm-50", "repaint", 10, 10),
+               ("repaint ddpm-100 j10 r5", "ddpm-100", "repaint", 10, 5)],
 }
 
 

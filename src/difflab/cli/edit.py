@@ -23,9 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
-from difflab.cli.config import config_path
 from difflab.cli.edit_inputs import Plan, build_plan, check_task, load_sources
-from difflab.cli.process_setup import setup_process
+from difflab.cli.process_setup import hydra_entry_point
 from difflab.cli.sample import _task_overrides, choose_sampler, resolve_device, sample_labels, sampler_line
 from difflab.cli.sampler_specs import build_sampler
 from difflab.data.transforms import to_model_range, to_uint8
@@ -159,10 +158,7 @@ def write_outputs(paths: dict[str, Path], cfg: DictConfig, images: torch.Tensor,
         print(f"{kind}: {p}")
 
 
-@hydra.main(config_path=config_path(), config_name="edit", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_process()
-    edit(cfg)
+main = hydra_entry_point("edit", edit)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli.config import config_path
-from difflab.cli.process_setup import setup_process
+from difflab.cli.process_setup import hydra_entry_point
 from difflab.lit.checkpoint_io import AtomicCheckpointIO, load_run
 from difflab.lit.posthoc_ema import (Reconstruction, apply_to, export_contents, find_run, read_snapshots,
                                      reconstruct)
@@ -84,10 +82,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=config_path(), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_process()
-    export(cfg)
+main = hydra_entry_point("export", export)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
-"""Process-wide settings every difflab entry point applies before its work: denormal flushing, malloc reuse."""
+"""Process-wide settings every difflab entry point applies before its work (denormal flushing, malloc reuse), and
+the Hydra main of the commands that only compose a config and do one job."""
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from difflab.cli.config import config_path
 
 
 def flush_denormals() -> None:
@@ -45,3 +52,18 @@ def setup_process() -> None:
     """What every difflab entry point sets before its work: denormal flushing and malloc reuse."""
     flush_denormals()
     keep_freed_memory()
+
+
+def hydra_entry_point(config_name: str, work: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """The console-script `main` of a command: Hydra composes conf/<config_name>.yaml, then setup_process(), work(cfg).
+
+    The job keeps work's module name (Hydra's hydra.job.name: `sample`, `edit`, ...); work's result is not
+    returned, so `sys.exit(main())` exits 0.
+    """
+
+    def main(cfg: DictConfig) -> None:
+        setup_process()
+        work(cfg)
+
+    main.__module__, main.__doc__ = work.__module__, work.__doc__
+    return hydra.main(config_path=config_path(), config_name=config_name, version_base="1.3")(main)

@@ -15,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from difflab.callbacks.sample_grid import grid_image
-from difflab.cli.config import config_path
-from difflab.cli.process_setup import setup_process
+from difflab.cli.process_setup import hydra_entry_point
 from difflab.data.transforms import to_uint8
 from difflab.lit import DiffusionModule
 from difflab.lit.base import check_clip_schedule
@@ -250,10 +249,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     return paths
 
 
-@hydra.main(config_path=config_path(), config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_process()
-    sample(cfg)
+main = hydra_entry_point("sample", sample)
 
 
 if __name__ == "__main__":

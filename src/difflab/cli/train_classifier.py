@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.cli.trainer_setup import build_trainer
-from difflab.cli.config import config_path, to_container
-from difflab.cli.process_setup import setup_process
+from difflab.cli.config import to_container
+from difflab.cli.process_setup import hydra_entry_point
 from difflab.lit.checkpoint_io import load_classifier
 from difflab.lit.classifier import ClassifierModule
 from difflab.metrics.build import train_classifier_command
@@ -93,10 +93,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, float | str]:
     return {"out_path": str(path), **{k: float(v) for k, v in final.items()}}
 
 
-@hydra.main(config_path=config_path(), config_name="train_classifier", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_process()
-    train_classifier(cfg)
+main = hydra_entry_point("train_classifier", train_classifier)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -220,10 +219,5 @@ class AutoencoderModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         states, self._resumed_rng = self._resumed_rng, None
-        if states and len(states) == self.trainer.world_size:
-            resume.set_rng_state(states[self.global_rank])
-        elif states:
-            rank_zero_warn(f"resuming on {self.trainer.world_size} processes a checkpoint written by "
-                           f"{len(states)}: RNG streams are re-seeded, so the resume is not bitwise exact")
-            resume.seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_step,
-                             self.global_rank, self.trainer.world_size)
+        resume.restore_rng_streams(states, rank=self.global_rank, world_size=self.trainer.world_size,
+                                   step=self.global_step)

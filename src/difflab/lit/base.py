@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -236,13 +235,8 @@ class TrainingModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # restored last, so nothing between loading and the first batch consumes the streams
         states, self._resumed_rng = self._resumed_rng, None
-        if states and len(states) == self.trainer.world_size:
-            resume.set_rng_state(states[self.global_rank])
-        elif states:
-            rank_zero_warn(f"resuming on {self.trainer.world_size} processes a checkpoint written by "
-                           f"{len(states)}: RNG streams are re-seeded, so the resume is not bitwise exact")
-            resume.seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_step,
-                             self.global_rank, self.trainer.world_size)
+        resume.restore_rng_streams(states, rank=self.global_rank, world_size=self.trainer.world_size,
+                                   step=self.global_step)
 
     # -- sampling -------------------------------------------------------------------------------------
 

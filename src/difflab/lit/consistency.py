@@ -170,22 +170,9 @@ class ConsistencyDistillation(DistillationModule):
             target = self.f(self.target, x_n, s_n, cond)
         return consistency_distance(self.f(self.net, x_next, s_next, cond), target, self.distance)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], None)
-        loss = self.distillation_loss(batch[0], labels).mean()
-        self.check_finite(loss, batch_idx)
+    def progress(self) -> dict[str, float]:
         N, mu = self.n_and_mu()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict({"distill/N": float(N), "distill/mu": mu}, on_step=True, on_epoch=False)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """The consistency loss on held-out images with fixed noise and levels (val/loss)."""
-        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], generator)
-        loss = self.distillation_loss(batch[0], labels, generator).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
-        return loss
+        return {"distill/N": float(N), "distill/mu": mu}
 
     # -- sampling ------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from difflab.diffusion.objectives import SimpleLoss
 from difflab.diffusion.schedules import NoiseSchedule
@@ -82,6 +82,32 @@ class DistillationModule(DiffusionModule):
     def copy_teacher(self, teacher: DiffusionModule) -> None:
         """Subclasses keep their frozen copies of the teacher here."""
         raise NotImplementedError
+
+    # -- the loss -----------------------------------------------------------------------------------------
+
+    def distillation_loss(self, x0: Tensor, labels: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample loss (B,) of the student on clean images x0 (the method's equation; subclasses)."""
+        raise NotImplementedError
+
+    def progress(self) -> dict[str, float]:
+        """The method's schedule at this step, logged beside train/loss (subclasses)."""
+        return {}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], None)
+        loss = self.distillation_loss(batch[0], labels).mean()
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(self.progress(), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The distillation loss on held-out images with fixed noise and levels (val/loss)."""
+        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], generator)
+        loss = self.distillation_loss(batch[0], labels, generator).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
+        return loss
 
     # -- native samplers ----------------------------------------------------------------------------------
 

@@ -166,21 +166,8 @@ class ProgressiveDistillation(DistillationModule):
         x_hat = x0_eps_from_output(out, z_t, ab_t, self.parameterization)[0]
         return truncated_snr_weight(ab_t.flatten()).float() * per_sample_mse(x_hat, target)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], None)
-        loss = self.distillation_loss(batch[0], labels).mean()
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("distill/student_steps", float(self.student_steps), on_step=True, on_epoch=False)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """The distillation loss on held-out images with fixed noise and levels (val/loss)."""
-        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        labels = self._train_labels(batch[1] if len(batch) > 1 else None, batch[0].shape[0], generator)
-        loss = self.distillation_loss(batch[0], labels, generator).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
-        return loss
+    def progress(self) -> dict[str, float]:
+        return {"distill/student_steps": float(self.student_steps)}
 
     # -- what the student samples with -------------------------------------------------------------------------
 

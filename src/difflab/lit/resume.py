@@ -3,12 +3,14 @@ the timestep-sampler protocol, and a readable architecture check before weights 
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -54,6 +56,17 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_streams(states: list[dict[str, Any]] | None, *, rank: int, world_size: int, step: int) -> None:
+    """At the first batch of a resumed run: this rank's stored RNG state; when the checkpoint was written by another
+    process count, fresh streams seed_rank(PL_GLOBAL_SEED + step) and a warning (the resume is not bitwise exact)."""
+    if states and len(states) == world_size:
+        set_rng_state(states[rank])
+    elif states:
+        rank_zero_warn(f"resuming on {world_size} processes a checkpoint written by {len(states)}: RNG streams are "
+                       "re-seeded, so the resume is not bitwise exact")
+        seed_rank(int(os.environ.get("PL_GLOBAL_SEED", 0)) + step, rank, world_size)
 
 
 def gather_rng_states() -> list[dict[str, Any]]:

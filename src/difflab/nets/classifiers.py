@@ -24,6 +24,16 @@ def _positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
+def _classifier_sizes(image_size: object, in_channels: object, num_classes: object, ch: object, dropout: object, *,
+                      min_image_size: int) -> tuple[int, int, int, int]:
+    """(image_size, in_channels, num_classes, ch) checked; dropout checked to lie in [0, 1)."""
+    sizes = (_positive_int("image_size", image_size, minimum=min_image_size), _positive_int("in_channels", in_channels),
+             _positive_int("num_classes", num_classes, minimum=2), _positive_int("ch", ch))
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+    return sizes
+
+
 class ConvBlock(nn.Module):
     """3x3 conv -> GroupNorm -> SiLU; stride 2 halves H and W (rounding up)."""
 
@@ -55,13 +65,9 @@ class ImageClassifier(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.image_size = _positive_int("image_size", image_size, minimum=MIN_IMAGE_SIZE)
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.num_classes = _positive_int("num_classes", num_classes, minimum=2)
-        self.ch = _positive_int("ch", ch)
+        self.image_size, self.in_channels, self.num_classes, self.ch = _classifier_sizes(
+            image_size, in_channels, num_classes, ch, dropout, min_image_size=MIN_IMAGE_SIZE)
         self.num_features = _positive_int("feature_dim", feature_dim)
-        if isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         self.trunk = self._build_trunk()
         trunk_ch = ch * CH_MULT[-1]
         self.feature = nn.Sequential(linear(trunk_ch, feature_dim), nn.SiLU())
@@ -127,30 +133,40 @@ class NoisyImageClassifier(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.image_size = _positive_int("image_size", image_size, minimum=2 ** (len(ch_mult) - 1))
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.num_classes = _positive_int("num_classes", num_classes, minimum=2)
-        self.ch = _positive_int("ch", ch)
-        if isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-        temb = 4 * ch
-        self.time_embed = nn.Sequential(SinusoidalEmbedding(dim=ch), linear(ch, temb), nn.SiLU(), linear(temb, temb))
-        self.conv_in = conv2d(in_channels, ch, kernel_size=3)
-        self.blocks, in_ch = nn.ModuleList(), ch
-        for level, mult in enumerate(ch_mult):
-            for _ in range(_positive_int("num_res_blocks", num_res_blocks)):
-                self.blocks.append(ResBlock(in_channels=in_ch, out_channels=ch * mult, temb_channels=temb, dropout=dropout))
-                in_ch = ch * mult
-            if level != len(ch_mult) - 1:
-                self.blocks.append(Downsample(channels=in_ch))
+        self.image_size, self.in_channels, self.num_classes, self.ch = _classifier_sizes(
+            image_size, in_channels, num_classes, ch, dropout, min_image_size=2 ** (len(ch_mult) - 1))
+        self.time_embed, self.conv_in, self.blocks, in_ch = noisy_encoder(
+            in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, dropout=dropout)
         self.norm_out = group_norm(in_ch, act="silu")
         self.head = linear(in_ch, num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         # x: (B, C, H, W) noisy images x_t, t: (B,) timestep indices
-        temb = self.time_embed(t)  # (B, 4ch)
-        h = self.conv_in(x)
-        for block in self.blocks:
-            h = block(h, temb) if isinstance(block, ResBlock) else block(h)
-        h = self.norm_out(h).mean(dim=(2, 3))  # silu(norm(h)) pooled: (B, C')
-        return self.head(h)  # (B, num_classes)
+        h = run_noisy_encoder(self.time_embed, self.conv_in, self.blocks, x, t)  # (B, C', H', W')
+        return self.head(self.norm_out(h).mean(dim=(2, 3)))  # silu(norm(h)) pooled: (B, C') -> (B, num_classes)
+
+
+def noisy_encoder(*, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                  dropout: float) -> tuple[nn.Sequential, nn.Conv2d, nn.ModuleList, int]:
+    """The encoder half of a U-Net (Dhariwal & Nichol 2021, Sec. 4): time embedding (width 4ch), input conv, then per
+    level num_res_blocks time-conditioned ResBlocks with a stride-2 Downsample between levels; and its output width."""
+    temb = 4 * ch
+    time_embed = nn.Sequential(SinusoidalEmbedding(dim=ch), linear(ch, temb), nn.SiLU(), linear(temb, temb))
+    conv_in = conv2d(in_channels, ch, kernel_size=3)  # created in this order: the same initial weights for a seed
+    blocks, in_ch = nn.ModuleList(), ch
+    for level, mult in enumerate(ch_mult):
+        for _ in range(_positive_int("num_res_blocks", num_res_blocks)):
+            blocks.append(ResBlock(in_channels=in_ch, out_channels=ch * mult, temb_channels=temb, dropout=dropout))
+            in_ch = ch * mult
+        if level != len(ch_mult) - 1:
+            blocks.append(Downsample(channels=in_ch))
+    return time_embed, conv_in, blocks, in_ch
+
+
+def run_noisy_encoder(time_embed: nn.Module, conv_in: nn.Module, blocks: nn.ModuleList, x: Tensor, t: Tensor) -> Tensor:
+    """noisy_encoder's forward: x (B, C, H, W) at timestep indices t (B,) -> the last level's activations."""
+    temb = time_embed(t)  # (B, 4ch)
+    h = conv_in(x)
+    for block in blocks:
+        h = block(h, temb) if isinstance(block, ResBlock) else block(h)
+    return h

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nets.blocks import Downsample, ResBlock, conv2d, group_norm, linear
-from difflab.nets.embeddings import SinusoidalEmbedding
+from difflab.nets.blocks import group_norm
+from difflab.nets.classifiers import noisy_encoder, run_noisy_encoder
 from difflab.nets.text import ScratchTextEncoder
 
 INIT_TEMPERATURE = 0.07  # CLIP's initial temperature tau: logit_scale = log(1 / tau)
@@ -48,16 +48,9 @@ class NoisyImageEncoder(nn.Module):
                              f"of ch_mult={list(ch_mult)}; use fewer levels")
         self.in_channels = _positive_int("in_channels", in_channels)
         self.embed_dim = _positive_int("embed_dim", embed_dim)
-        temb = 4 * _positive_int("ch", ch)
-        self.time_embed = nn.Sequential(SinusoidalEmbedding(dim=ch), linear(ch, temb), nn.SiLU(), linear(temb, temb))
-        self.conv_in = conv2d(in_channels, ch, kernel_size=3)
-        self.blocks, in_ch = nn.ModuleList(), ch
-        for level, mult in enumerate(ch_mult):
-            for _ in range(_positive_int("num_res_blocks", num_res_blocks)):
-                self.blocks.append(ResBlock(in_channels=in_ch, out_channels=ch * mult, temb_channels=temb, dropout=dropout))
-                in_ch = ch * mult
-            if level != len(ch_mult) - 1:
-                self.blocks.append(Downsample(channels=in_ch))
+        self.time_embed, self.conv_in, self.blocks, in_ch = noisy_encoder(
+            in_channels=in_channels, ch=_positive_int("ch", ch), ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+            dropout=dropout)
         self.norm_out = group_norm(in_ch, act="silu")
         self.proj = nn.Linear(in_ch, embed_dim)
 
@@ -65,10 +58,7 @@ class NoisyImageEncoder(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"x has shape {tuple(x.shape)}; this image tower takes (B, {self.in_channels}, "
                              f"{self.image_size}, {self.image_size})")
-        temb = self.time_embed(t)  # (B, 4ch)
-        h = self.conv_in(x)
-        for block in self.blocks:
-            h = block(h, temb) if isinstance(block, ResBlock) else block(h)
+        h = run_noisy_encoder(self.time_embed, self.conv_in, self.blocks, x, t)  # (B, C', H', W')
         return self.proj(self.norm_out(h).mean(dim=(2, 3)))  # (B, embed_dim)
 
 

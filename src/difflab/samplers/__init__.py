@@ -1,6 +1,6 @@
 """Samplers: pure functions over model_fn(x_t, t), small config objects Hydra instantiates, and generate(), the one sampling path."""
 
-from difflab.samplers.base import DenoiserSampler, Sampler, SamplerBase, dynamic_threshold, predict, predict_x0_eps, reverse_loop
+from difflab.samplers.base import DenoiserSampler, Sampler, SamplerBase, dynamic_threshold, predict, reverse_loop
 from difflab.samplers.consistency import Consistency, consistency_sample
 from difflab.samplers.ddim import DDIM, ddim_sample, ddim_timesteps
 from difflab.samplers.ddpm import DDPM, ddpm_sample
@@ -37,6 +37,5 @@ __all__ = [
     "ddpm_sample",
     "dynamic_threshold",
     "predict",
-    "predict_x0_eps",
     "reverse_loop",
 ]

@@ -109,22 +109,6 @@ def predict(
     return x0, eps, v
 
 
-def predict_x0_eps(
-    model_fn: ModelFn,
-    x_t: Tensor,
-    t: Tensor,
-    schedule: NoiseSchedule,
-    parameterization: Parameterization,
-    clip_x0: bool,
-    *,
-    dynamic_percentile: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(x0, eps) from the model; with clip_x0, x0 is clamped to [-1, 1] and eps made consistent with it."""
-    x0, eps, _ = predict(model_fn, x_t, t, schedule, parameterization, clip_x0=clip_x0,
-                         dynamic_percentile=dynamic_percentile)
-    return x0, eps
-
-
 def reverse_loop(
     model_fn: ModelFn,
     x_T: Tensor,
