@@ -40,9 +40,9 @@ FENCE = re.compile(r"^```[ \t]*(\S*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CONFIG_FILE = re.compile(r"^#\s*([\w.-]+(?:/[\w.-]+)+\.yaml)\b")  # "# my_configs/model/wide.yaml: ..."
 COMMANDS = {"difflab-train": "train", "difflab-sample": "sample", "difflab-eval": "eval",
-            "difflab-train-classifier": "train_classifier", "difflab-edit": "edit"}
+            "difflab-train-classifier": "train_classifier", "difflab-edit": "edit", "difflab-export": "export"}
 MODULES = {"difflab.cli.train": "train", "difflab.cli.sample": "sample", "difflab.cli.evaluate": "eval",
-           "difflab.cli.train_classifier": "train_classifier"}
+           "difflab.cli.train_classifier": "train_classifier", "difflab.cli.edit": "edit", "difflab.cli.export": "export"}
 INFO_KINDS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # hydra --info <kind>
 WITH_PATHS = {"train", "eval", "train_classifier"}  # configs that have the paths group
 PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|^/path/")
@@ -340,6 +340,11 @@ def check_command(cmd: Command, paths: dict[str, Path]) -> None:
         if cfg.get("sampler") is not None:
             instantiate(cfg.sampler, _convert_="all").validate(1000)
         check_precision(cfg.precision)
+    elif cmd.config == "export":  # the sigma_rel values; the reconstruction is tested in test_posthoc_ema
+        from difflab.cli.export import sigma_rel_values
+        from difflab.lit.power_ema import check_sigma_rels
+
+        check_sigma_rels(sigma_rel_values(cfg.ema.sigma_rel))
     else:  # train_classifier: the data module; the classifier is built by its own tests
         instantiate(cfg.data)
 

@@ -25,6 +25,11 @@ FACTORS = (1, 2, 4, 8)  # downsampling factors f = 2^(len(ch_mult) - 1) the LDM 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior's log-variance
 
 
+def reparameterise(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) (Kingma & Welling 2014, Eq. 10)."""
+    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
 class DiagonalGaussian:
     """q(z | x) = N(mean, diag var) from moments (B, 2 z_channels, h, w) (Kingma & Welling 2014; LDM's
     DiagonalGaussianDistribution): the first z_channels are the mean, the rest the log-variance."""
@@ -39,9 +44,8 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation of Kingma & Welling 2014, Eq. 10)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        """A draw of q(z | x) (reparameterise)."""
+        return reparameterise(self.mean, self.std, generator)
 
     def mode(self) -> Tensor:
         """The posterior's mode, its mean."""

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from difflab.nets.autoencoder import reparameterise
+
 UNSET = float("nan")  # scale_factor before scale_by_std has seen a batch
 
 
@@ -75,7 +77,7 @@ class FirstStage(nn.Module):
         mean, std = moments.chunk(2, dim=1)
         if not self.sample_posterior:
             return mean
-        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return reparameterise(mean, std, generator)
 
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
